@@ -1,0 +1,95 @@
+"""The contribution-aware Asymmetric Information Bottleneck (paper section III-C, eq 17–20).
+
+Per modality a variational head maps the embedding h_m to q(z_m | x_m) = N(μ, diag σ²)
+(eq 18); z_m = μ + σ·ε in training and μ in evaluation, and z_m replaces h_m downstream.
+
+Bounds used for the two mutual informations of eq 19–20:
+- I(Z_m; X_m) ≤ E_x KL(q(z_m|x_m) ‖ N(0, I))       (variational upper bound, nats)
+- I(Z_m; Y)   ≥ H(Y) − CE(head(z_m), y)              (Barber–Agakov lower bound, nats)
+where the head is modality m's unimodal classifier, whose CE is already a term of eq 21.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AIB_MODES = ("beta", "inv_beta", "mi", "mx", "mx_mi", "off")
+MIN_BETA = 0.01  # floor for β before 1/β (inv_beta): caps that weight at 100
+
+
+class VariationalHead(nn.Module):
+    """h → (μ, log σ²) → z (eq 18)."""
+
+    def __init__(self, in_dim: int, latent_dim: int):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.params = nn.Linear(in_dim, 2 * latent_dim)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.params(h).chunk(2, dim=1)
+        logvar = logvar.clamp(-20.0, 20.0)
+        if self.training:
+            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        else:
+            z = mu
+        return z, mu, logvar
+
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Batch mean of KL(N(μ, diag e^{logvar}) ‖ N(0, I)) = ½ Σ_d (μ² + σ² − log σ² − 1), in nats."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=1).mean()
+
+
+def label_entropy(class_counts) -> float:
+    """H(Y) in nats of the empirical training label distribution."""
+    p = torch.as_tensor(class_counts, dtype=torch.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum())
+
+
+def compression_factors(a: dict[str, float]) -> dict[str, float]:
+    """Eq 17 on the normalised contributions a (Σ a = 1): β_m = Σ_{i≠m} a_i / Σ_j a_j = 1 − a_m.
+
+    Using a rather than raw W keeps β in [0, 1] even when some W are negative.
+    """
+    total = sum(a.values())
+    return {m: (total - v) / total for m, v in a.items()}
+
+
+def aib_weights(a: dict[str, float], mode: str) -> dict[str, float]:
+    """The weight multiplying I(Z_m; Y) in eq 20 for each *included* modality (Table IV modes).
+
+    beta: β_m (eq 17); inv_beta: 1/β_m (β floored at MIN_BETA); mi: only the lowest-contribution
+    modality, unweighted (1.0); mx: only the highest, unweighted; mx_mi: both, unweighted; off: none.
+    Ties in mi/mx go to the first modality in order.
+    """
+    if mode not in AIB_MODES:
+        raise ValueError(f"unknown AIB mode {mode!r}; known: {AIB_MODES}")
+    if mode == "off":
+        return {}
+    beta = compression_factors(a)
+    if mode == "beta":
+        return beta
+    if mode == "inv_beta":
+        return {m: 1.0 / max(b, MIN_BETA) for m, b in beta.items()}
+    order = list(a)
+    lo = min(order, key=lambda m: a[m])
+    hi = max(order, key=lambda m: a[m])
+    chosen = {"mi": [lo], "mx": [hi], "mx_mi": [hi, lo]}[mode]
+    return {m: 1.0 for m in order if m in chosen}
+
+
+def aib_loss(kl: dict[str, torch.Tensor], ce: dict[str, torch.Tensor], h_y: float,
+             weights: dict[str, float]) -> torch.Tensor:
+    """Eq 20: L_AIB = Σ_m −log σ(w_m·I(Z_m;Y) − I(Z_m;X_m)) = Σ_m softplus(I(Z_m;X_m) − w_m·I(Z_m;Y)).
+
+    kl[m]: the I(Z_m;X_m) bound; ce[m]: CE of modality m's head on z_m, giving I(Z_m;Y) ≥ H(Y) − ce[m].
+    Sum over the modalities in `weights` (see `aib_weights`); 0 when it is empty.
+    """
+    terms = [F.softplus(kl[m] - w * (h_y - ce[m])) for m, w in weights.items()]
+    if not terms:
+        ref = next(iter(kl.values()))
+        return ref.new_zeros(())
+    return torch.stack(terms).sum()

@@ -1,0 +1,286 @@
+"""Modality contribution W = D × I (paper section III-A, eq 1–10) from additive statistics.
+
+Everything the metric needs is a *sum* over training samples (`ContributionStats`), so
+statistics of two shards merge by addition and, under DDP, one SUM all-reduce makes every
+rank hold the global sums — and hence bit-identical W, a and β.
+
+Readings of the paper (see docs/METHOD.md):
+- I(m) (eq 1, 3–6): Gaussian MI between modality m's representation and the fused one. By
+  default the pair is (unimodal logits p^m, fused logits p^f), 2K dimensions: with concat
+  fusion the fused *embedding* contains h_m itself and the embedding-space MI is infinite
+  (only the shrinkage keeps it finite). `space="embeddings"` measures (z_m, fused repr).
+- P^m(t) of eq 9 is eq 7's "single-modality prediction accuracy": the mean probability the
+  unimodal head gives the true label, accumulated over the training epoch.
+- φ(m) (eq 8): mean of log p(y|all) − log p(y|all without m), "without m" = the fusion run
+  with m's embedding zero-filled (or replaced by its running mean).
+- R^m(t, n) (eq 9) with t − n clipped at the first epoch, so the first epoch gives R = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+R_EPS = 1e-8  # ε of eq 9
+VARIANTS = ("d_x_i", "d_plus_i", "d_only", "i_only", "kl")
+
+
+# ------------------------------------------------------------------ eq 3–6: Gaussian MI
+
+
+def shrink_covariance(cov: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """(1 − s)·Σ + s·(tr Σ / d)·I: positive definite for s > 0 whenever tr Σ > 0."""
+    d = cov.shape[0]
+    target = torch.trace(cov) / d
+    if target <= 0:
+        target = cov.new_tensor(1.0)
+    return (1.0 - shrinkage) * cov + shrinkage * target * torch.eye(d, dtype=cov.dtype, device=cov.device)
+
+
+def mi_from_covariance(cov: torch.Tensor, dx: int, shrinkage: float = 1e-3) -> float:
+    """Eq 5: I(X;Y) = ½·log(det Σ_X · det Σ_Y / det Σ_Z), in nats, from the joint covariance Σ_Z
+    of Z = [X, Y] (eq 6; X the first `dx` coordinates).
+
+    Shrinkage is applied to the joint matrix and the marginals are its diagonal blocks, so by
+    Fischer's inequality the result is ≥ 0 (up to rounding) and finite for any s > 0.
+    """
+    cov = cov.to(torch.float64)
+    cov = 0.5 * (cov + cov.T)
+    if shrinkage > 0:
+        cov = shrink_covariance(cov, shrinkage)
+    _, logdet_x = torch.linalg.slogdet(cov[:dx, :dx])
+    _, logdet_y = torch.linalg.slogdet(cov[dx:, dx:])
+    sign_z, logdet_z = torch.linalg.slogdet(cov)
+    if sign_z <= 0:
+        return math.inf
+    return max(0.5 * float(logdet_x + logdet_y - logdet_z), 0.0)
+
+
+def gaussian_mi(x: torch.Tensor, y: torch.Tensor, shrinkage: float = 1e-3) -> float:
+    """Gaussian mutual information I(X;Y) in nats (eq 3–6) between samples x (N×dx) and y (N×dy).
+
+    Computed in float64 with `slogdet`; `shrinkage` pulls the joint covariance toward a scaled
+    identity so the value is finite when N < dx + dy.
+    """
+    x = x.reshape(len(x), -1).to(torch.float64)
+    y = y.reshape(len(y), -1).to(torch.float64)
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} samples, y has {len(y)}")
+    z = torch.cat([x, y], dim=1)
+    zc = z - z.mean(0, keepdim=True)
+    cov = zc.T @ zc / max(len(z) - 1, 1)
+    return mi_from_covariance(cov, x.shape[1], shrinkage)
+
+
+# ------------------------------------------------------------------ additive statistics
+
+
+class ContributionStats:
+    """Additive sufficient statistics of one accumulation window (an epoch by default).
+
+    Sums over samples: count; fused correct; per modality Σ[log p(y|all) − log p(y|all∖m)]
+    (eq 8), Σ p^m(y|x^m) (eq 7), Σ unimodal correct, Σ KL(p^f ‖ p^m), and the first and second
+    moments of Z_m = [r_m, r_f] for the MI of eq 5. All float64.
+    """
+
+    def __init__(self, modalities: list[str], rep_dims: dict[str, int], fused_dim: int,
+                 device: torch.device | str = "cpu"):
+        self.modalities = list(modalities)
+        self.rep_dims = dict(rep_dims)
+        self.fused_dim = fused_dim
+        self.device = torch.device(device)
+        self.reset()
+
+    def _zeros(self, *shape) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=torch.float64, device=self.device)
+
+    def reset(self) -> None:
+        m = len(self.modalities)
+        self.count = self._zeros(())
+        self.fused_correct = self._zeros(())
+        self.loglik_gain = self._zeros(m)
+        self.true_prob = self._zeros(m)
+        self.correct = self._zeros(m)
+        self.kl_sum = self._zeros(m)
+        self.sum_z = {k: self._zeros(d + self.fused_dim) for k, d in self.rep_dims.items()}
+        self.sum_zz = {k: self._zeros(d + self.fused_dim, d + self.fused_dim) for k, d in self.rep_dims.items()}
+
+    def _tensors(self) -> list[torch.Tensor]:
+        out = [self.count, self.fused_correct, self.loglik_gain, self.true_prob, self.correct, self.kl_sum]
+        for k in self.modalities:
+            out += [self.sum_z[k], self.sum_zz[k]]
+        return out
+
+    @torch.no_grad()
+    def update(self, labels: torch.Tensor, fused_logits: torch.Tensor,
+               unimodal_logits: dict[str, torch.Tensor], ablated_logits: dict[str, torch.Tensor],
+               reps: dict[str, torch.Tensor], fused_rep: torch.Tensor) -> None:
+        y = labels.to(self.device).long()
+        logp_f = F.log_softmax(fused_logits.detach().to(self.device, torch.float64), dim=1)
+        lp_true_f = logp_f.gather(1, y[:, None]).squeeze(1)
+        self.count += len(y)
+        self.fused_correct += (logp_f.argmax(1) == y).sum()
+        f = fused_rep.detach().reshape(len(y), -1).to(self.device, torch.float64)
+        for i, m in enumerate(self.modalities):
+            logp_abl = F.log_softmax(ablated_logits[m].detach().to(self.device, torch.float64), dim=1)
+            self.loglik_gain[i] += (lp_true_f - logp_abl.gather(1, y[:, None]).squeeze(1)).sum()
+            logp_m = F.log_softmax(unimodal_logits[m].detach().to(self.device, torch.float64), dim=1)
+            self.true_prob[i] += logp_m.gather(1, y[:, None]).exp().sum()
+            self.correct[i] += (logp_m.argmax(1) == y).sum()
+            self.kl_sum[i] += (logp_f.exp() * (logp_f - logp_m)).sum()
+            z = torch.cat([reps[m].detach().reshape(len(y), -1).to(self.device, torch.float64), f], dim=1)
+            self.sum_z[m] += z.sum(0)
+            self.sum_zz[m] += z.T @ z
+
+    def merge(self, other: "ContributionStats") -> "ContributionStats":
+        for a, b in zip(self._tensors(), other._tensors()):
+            a += b.to(a.device)
+        return self
+
+    def all_reduce(self) -> "ContributionStats":
+        """SUM every statistic across ranks in one collective; a no-op without torch.distributed."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self
+        tensors = self._tensors()
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        if dist.get_backend() == "nccl" and flat.device.type != "cuda":
+            flat = flat.cuda()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat = flat.to(self.device)
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+        return self
+
+    # ---- derived quantities (all per modality)
+
+    def _per_sample(self, sums: torch.Tensor) -> dict[str, float]:
+        n = max(float(self.count), 1.0)
+        return {m: float(sums[i]) / n for i, m in enumerate(self.modalities)}
+
+    def phi(self) -> dict[str, float]:
+        """Eq 8: φ(m) = mean_i [log p(y_i | all) − log p(y_i | all ∖ m)]."""
+        return self._per_sample(self.loglik_gain)
+
+    def prediction_accuracy(self) -> dict[str, float]:
+        """Eq 7: mean probability the unimodal head of m gives the true label (P^m of eq 9)."""
+        return self._per_sample(self.true_prob)
+
+    def unimodal_accuracy(self) -> dict[str, float]:
+        return self._per_sample(self.correct)
+
+    def fused_accuracy(self) -> float:
+        return float(self.fused_correct) / max(float(self.count), 1.0)
+
+    def kl(self) -> dict[str, float]:
+        """Mean KL(p^f ‖ p^m) between the fused and modality m's predictive distributions."""
+        return self._per_sample(self.kl_sum)
+
+    def covariance(self, m: str) -> torch.Tensor:
+        n = float(self.count)
+        mean = self.sum_z[m] / n
+        return (self.sum_zz[m] - n * torch.outer(mean, mean)) / max(n - 1.0, 1.0)
+
+    def mutual_information(self, shrinkage: float = 1e-3) -> dict[str, float]:
+        """Eq 5 for each modality: I(r_m; r_f) from the accumulated joint moments."""
+        if float(self.count) < 2:
+            return {m: 0.0 for m in self.modalities}
+        return {m: mi_from_covariance(self.covariance(m), self.rep_dims[m], shrinkage) for m in self.modalities}
+
+    def state_dict(self) -> dict:
+        return {"tensors": [t.cpu() for t in self._tensors()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for t, s in zip(self._tensors(), state["tensors"]):
+            t.copy_(s.to(t.device))
+
+
+# ------------------------------------------------------------------ eq 9, 10, 1 and the variants
+
+
+def relative_improvement(history: list[float], t: int, n: int, eps: float = R_EPS) -> float:
+    """Eq 9: R(t, n) = (P(t) − P(t−n)) / max(P(t−n), ε), with t − n clipped at epoch 0."""
+    past = history[max(t - n, 0)]
+    return (history[t] - past) / max(past, eps)
+
+
+def combine(variant: str, phi: float, r: float, info: float, kl: float) -> tuple[float, float]:
+    """(D, W) for one modality under a Table V variant. D = φ·R (eq 10).
+
+    d_x_i: W = D·I (eq 1); d_plus_i: D + I; d_only: D; i_only: I; kl: W = −KL(p^f ‖ p^m)
+    (a modality whose prediction is closer to the fused one counts as contributing more).
+    """
+    d = phi * r
+    if variant == "d_x_i":
+        w = d * info
+    elif variant == "d_plus_i":
+        w = d + info
+    elif variant == "d_only":
+        w = d
+    elif variant == "i_only":
+        w = info
+    elif variant == "kl":
+        w = -kl
+    else:
+        raise ValueError(f"unknown contribution variant {variant!r}; known: {VARIANTS}")
+    return d, w
+
+
+@dataclass
+class Contributions:
+    """One refresh of the metric, per modality (the data behind the paper's Fig. 3/4)."""
+
+    W: dict[str, float]
+    D: dict[str, float]
+    I: dict[str, float]
+    phi: dict[str, float]
+    R: dict[str, float]
+    P: dict[str, float]
+    acc: dict[str, float]
+    kl: dict[str, float]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class ContributionTracker:
+    """Turns accumulated statistics into W at each refresh and keeps the P^m history for R."""
+
+    def __init__(self, modalities: list[str], variant: str = "d_x_i", n: int = 5, shrinkage: float = 1e-3):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown contribution variant {variant!r}; known: {VARIANTS}")
+        self.modalities = list(modalities)
+        self.variant = variant
+        self.n = n
+        self.shrinkage = shrinkage
+        self.history: dict[str, list[float]] = {m: [] for m in self.modalities}  # P^m per epoch
+
+    def compute(self, stats: ContributionStats, end_of_epoch: bool) -> Contributions:
+        """W from `stats` (already all-reduced). At the end of an epoch, P^m(t) is appended to
+        the history; a mid-epoch refresh (`update_every`) compares the running P^m with the
+        history without recording it."""
+        phi = stats.phi()
+        p_now = stats.prediction_accuracy()
+        info = stats.mutual_information(self.shrinkage)  # logged for every variant
+        kl = stats.kl()
+        r, d, w = {}, {}, {}
+        for m in self.modalities:
+            hist = self.history[m] + [p_now[m]]
+            r[m] = relative_improvement(hist, len(hist) - 1, self.n)
+            d[m], w[m] = combine(self.variant, phi[m], r[m], info[m], kl[m])
+            if end_of_epoch:
+                self.history[m].append(p_now[m])
+        return Contributions(W=w, D=d, I=info, phi=phi, R=r, P=p_now, acc=stats.unimodal_accuracy(), kl=kl)
+
+    def state_dict(self) -> dict:
+        return {"history": {m: list(v) for m, v in self.history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {m: list(state["history"][m]) for m in self.modalities}
