@@ -121,6 +121,7 @@ class NoiseConfig(Strict):
     text: bool = True  # MVSA: also attack the text (QMF does for both kinds)
     legacy: bool = False  # QMF before 2025-06-28: salt-pepper p_apply = 0.5·ε/10
     qmf_compat: bool = False  # reproduce QMF's quirks (uint8 wrap, one fixed noise field)
+    audio_scale: float = Field(0.1, gt=0.0)  # A/V spectrogram: Gaussian std = ε·audio_scale·std(spectrogram)
 
     @model_validator(mode="after")
     def _eps_needs_kind(self):

@@ -1,0 +1,50 @@
+"""`python -m calray.train CONFIG.yaml [--set key=value ...] [--workers N] [--gpu] [--address ADDR]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from calray.errors import CalrayError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m calray.train", description="Train one calray run from a YAML config.")
+    p.add_argument("config", help="run config YAML (see configs/ and docs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set optim.lr=0.01 (repeatable)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train DDP workers (default: distributed.workers)")
+    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker (nccl)")
+    p.add_argument("--address", default=None, help="Ray cluster: 'auto' or host:port (default: local)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from calray.config import load_config
+
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"distributed.workers={args.workers}")
+    if args.gpu:
+        overrides.append("distributed.gpu=true")
+    if args.address is not None:
+        overrides.append(f"distributed.address={args.address}")
+    try:
+        cfg = load_config(args.config, overrides)
+        if cfg.distributed.workers > 1 or cfg.distributed.address is not None:
+            from calray.distributed import train_distributed
+
+            train_distributed(cfg)
+        else:
+            from calray.trainer import train
+
+            train(cfg)
+    except CalrayError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""The one training loop. Single process by default; the Ray Train layer (calray.distributed) and
+the sweep layer (calray.sweep) wrap it through `RunContext` instead of copying it.
+
+Per step (eq 21): L = CE(p^f, y) + w_u·Σ_m CE(p^m, y) + λ·L_AIB; after backward the modulation
+strategy rescales each modality's gradients (eq 14). Contribution statistics accumulate during
+the epoch and are turned into W, a and β at each refresh (epoch end by default).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from calray.aib import aib_loss, aib_weights, compression_factors, kl_to_standard_normal, label_entropy
+from calray.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
+from calray.config import RunConfig, save_config
+from calray.contribution import ContributionStats, ContributionTracker
+from calray.data.base import DatasetSplits, build_datasets, dataset_labels
+from calray.errors import TrainingError
+from calray.metrics import EvalStats
+from calray.models import MultimodalModel, build_model
+from calray.modulation import GradientModulator, contribution_softmax
+from calray.runinfo import environment, rng_state, seed_everything, set_rng_state
+from calray.sampling import ShardedSampler
+
+Reporter = Callable[[dict, "Path | None"], None]
+
+
+@dataclass
+class RunContext:
+    """How a wrapper runs the loop: rank/world, device, DDP wrapping and per-epoch reporting.
+
+    `reporter(metrics, checkpoint_path)` is called once per epoch on *every* rank (Ray's report is
+    a barrier); `checkpoint_path` is the epoch's checkpoint file on rank 0 and None elsewhere.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None
+    reporter: Reporter | None = None
+    resume_from: Path | None = None
+    run_dir: Path | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"runtime.device: {spec!r} requested but CUDA is not available")
+    return dev
+
+
+def to_device(x, device: torch.device, channels_last: bool = False):
+    if isinstance(x, dict):
+        return {k: to_device(v, device, channels_last) for k, v in x.items()}
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4 and x.is_floating_point():
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def unwrap(model: nn.Module) -> MultimodalModel:
+    return model.module if hasattr(model, "module") else model
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ctx: RunContext | None = None, splits: DatasetSplits | None = None):
+        self.cfg = cfg
+        self.ctx = ctx or RunContext()
+        self.device = self.ctx.device or resolve_device(cfg.runtime.device)
+        self.run_dir = Path(self.ctx.run_dir or cfg.run_dir())
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        seed_everything(cfg.runtime.seed)
+        self.splits = splits or build_datasets(cfg)
+        self.modalities = self.splits.modalities
+        self.cuda = self.device.type == "cuda"
+        self.amp = self.cuda and cfg.runtime.amp
+        self.channels_last = self.cuda and cfg.runtime.channels_last
+
+        torch.manual_seed(cfg.runtime.seed)  # model init independent of dataset construction
+        model = build_model(cfg, self.splits).to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.raw_model = model
+        self.model = self.ctx.wrap_model(model) if self.ctx.wrap_model else model
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+
+        m = cfg.method
+        self.tracker = ContributionTracker(self.modalities, m.contribution, m.n, m.mi_shrinkage)
+        self.modulator = GradientModulator(m, self.modalities, seed=cfg.runtime.seed)
+        self.a_aib = {k: 1.0 / len(self.modalities) for k in self.modalities}  # uniform until the first refresh
+        self.beta = compression_factors(self.a_aib)
+        self.last_contrib: dict = {}
+        counts = torch.bincount(torch.as_tensor(dataset_labels(self.splits.train)), minlength=self.splits.num_classes)
+        self.h_y = label_entropy(counts)
+        self.window, self.epoch_stats = self._new_stats(), self._new_stats()
+
+        self.train_loader = self._loader(self.splits.train, train=True)
+        self.val_loader = self._loader(self.splits.val, train=False)
+        self.test_loader = self._loader(self.splits.test, train=False)
+
+        self.start_epoch = 0
+        self.best_val = -math.inf
+        self.best_epoch = -1
+        self.epochs_since_best = 0
+
+    # ------------------------------------------------------------------ construction
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        if o.name == "sgd":
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        if o.name == "adam":
+            return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+    def _build_scheduler(self):
+        o = self.cfg.optim
+        opt = self.optimizer
+        if o.scheduler == "step":
+            return torch.optim.lr_scheduler.StepLR(opt, o.step_size, o.gamma)
+        if o.scheduler == "multistep":
+            return torch.optim.lr_scheduler.MultiStepLR(opt, o.milestones, o.gamma)
+        if o.scheduler == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o.epochs)
+        if o.scheduler == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=o.gamma,
+                                                              patience=o.plateau_patience)
+        return None
+
+    def _new_stats(self) -> ContributionStats:
+        fusion = self.raw_model.fusion
+        if self.cfg.method.contribution_space == "logits":
+            k = self.splits.num_classes
+            dims, fused = {m: k for m in self.modalities}, k
+        else:
+            dims = dict(fusion.dims)
+            with torch.no_grad():
+                zeros = {m: torch.zeros(1, d, device=self.device) for m, d in fusion.dims.items()}
+                fused = int(fusion(zeros)[0].shape[1])
+        return ContributionStats(self.modalities, dims, fused, device=self.device)
+
+    def _loader(self, dataset, train: bool) -> DataLoader:
+        d = self.cfg.data
+        sampler = ShardedSampler(len(dataset), shuffle=train, seed=self.cfg.runtime.seed,
+                                 rank=self.ctx.rank, world_size=self.ctx.world_size, pad=train)
+        workers = d.num_workers
+        return DataLoader(dataset, batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
+                          sampler=sampler, num_workers=workers, pin_memory=self.cuda, drop_last=False,
+                          persistent_workers=workers > 0)
+
+    # ------------------------------------------------------------------ one step
+
+    def _forward_loss(self, inputs, labels):
+        m = self.cfg.method
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            out = self.model(inputs, ablation=m.phi_ablation)
+        ce = {k: F.cross_entropy(v.float(), labels) for k, v in out.unimodal_logits.items()}
+        loss_fused = F.cross_entropy(out.fused_logits.float(), labels)
+        loss = loss_fused + m.unimodal_weight * sum(ce.values())
+        parts = {"loss_fused": loss_fused.detach(), "loss_unimodal": sum(ce.values()).detach()}
+        if out.mu:
+            kl = {k: kl_to_standard_normal(out.mu[k].float(), out.logvar[k].float()) for k in out.mu}
+            l_aib = aib_loss(kl, ce, self.h_y, aib_weights(self.a_aib, m.aib))
+            loss = loss + m.lambda_ * l_aib
+            parts["loss_aib"] = l_aib.detach()
+        return out, loss, parts
+
+    def _reps(self, out):
+        if self.cfg.method.contribution_space == "logits":
+            return out.unimodal_logits, out.fused_logits
+        return out.embeddings, out.fused_repr
+
+    def refresh_contributions(self, end_of_epoch: bool) -> dict:
+        """All-reduce the window's sums, then compute W, a and β from the global sums."""
+        self.window.all_reduce()
+        self.epoch_stats.merge(self.window)
+        stats = self.epoch_stats if end_of_epoch else self.window
+        c = self.tracker.compute(stats, end_of_epoch)
+        a = self.modulator.refresh(c.W)
+        self.a_aib = contribution_softmax(c.W, self.cfg.method.T)
+        self.beta = compression_factors(self.a_aib)
+        if self.cfg.distributed.check_consistency:
+            from calray.distributed import assert_ranks_agree
+
+            assert_ranks_agree({"W": c.W, "a": a, "beta": self.beta}, self.device)
+        self.window.reset()
+        flat = {}
+        for key, per_mod in (("W", c.W), ("D", c.D), ("I", c.I), ("phi", c.phi), ("R", c.R), ("P", c.P),
+                             ("kl", c.kl), ("a", a), ("beta", self.beta)):
+            for mod, v in per_mod.items():
+                flat[f"{key}_{mod}"] = v
+        self.last_contrib = flat
+        return flat
+
+    def train_epoch(self, epoch: int) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        self.train_loader.sampler.set_epoch(epoch)
+        self.window.reset()
+        self.epoch_stats.reset()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        steps = 0
+        limit = cfg.runtime.max_steps_per_epoch
+        total = min(len(self.train_loader), limit or len(self.train_loader))
+        bar = self._progress(self.train_loader, total, f"epoch {epoch + 1}/{cfg.optim.epochs}")
+        for step, (inputs, labels) in enumerate(bar):
+            if limit is not None and step >= limit:
+                break
+            inputs = to_device(inputs, self.device, self.channels_last)
+            labels = labels.to(self.device, non_blocking=True)
+            out, loss, parts = self._forward_loss(inputs, labels)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite loss ({float(loss)}) at epoch {epoch}, step {step} "
+                    f"({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); "
+                    f"lower optim.lr or enable optim.grad_clip")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.modulator.apply(self.raw_model, epoch, out.unimodal_logits, labels)
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            reps, fused_rep = self._reps(out)
+            self.window.update(labels, out.fused_logits, out.unimodal_logits, out.ablated_logits, reps, fused_rep)
+            loss_sum += loss.detach() * len(labels)
+            steps += 1
+            if cfg.method.update_every and (step + 1) % cfg.method.update_every == 0:
+                self.refresh_contributions(end_of_epoch=False)
+            if hasattr(bar, "set_postfix") and step % 10 == 0:
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+        contrib = self.refresh_contributions(end_of_epoch=True)
+        stats = self.epoch_stats
+        n = max(float(stats.count), 1.0)
+        loss_total = self._all_reduce_scalar(loss_sum)
+        row = {"train_loss": loss_total / n, "train_acc": stats.fused_accuracy()}
+        row.update({f"train_acc_{m}": v for m, v in stats.unimodal_accuracy().items()})
+        row.update(contrib)
+        return row
+
+    def _all_reduce_scalar(self, t: torch.Tensor) -> float:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+        return float(t)
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader) -> dict:
+        self.model.eval()
+        stats = EvalStats(self.modalities, self.splits.num_classes, self.device)
+        for inputs, labels in loader:
+            inputs = to_device(inputs, self.device, self.channels_last)
+            labels = labels.to(self.device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                out = self.model(inputs)
+            loss = F.cross_entropy(out.fused_logits.float(), labels, reduction="sum")
+            stats.update(labels, out.fused_logits, out.unimodal_logits, float(loss))
+        return stats.all_reduce().metrics()
+
+    def _progress(self, loader, total: int, desc: str):
+        if not (self.cfg.runtime.progress and self.ctx.is_main):
+            return loader
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return loader
+        return tqdm(loader, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _state(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "tracker": self.tracker.state_dict(),
+            "modulator": self.modulator.state_dict(),
+            "a_aib": dict(self.a_aib),
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "epochs_since_best": self.epochs_since_best,
+            "last_contrib": dict(self.last_contrib),
+            "rng": rng_state(),
+        }
+
+    def save_checkpoint(self, epoch: int) -> Path:
+        path = self.ckpt_dir / "last.pt"
+        save_checkpoint(self._state(epoch), path)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.modulator.load_state_dict(state["modulator"])
+        self.a_aib = dict(state["a_aib"])
+        self.beta = compression_factors(self.a_aib)
+        self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
+        self.epochs_since_best = state["epochs_since_best"]
+        self.last_contrib = dict(state["last_contrib"])
+        set_rng_state(state["rng"])
+        self.start_epoch = state["epoch"] + 1
+
+    def _truncate_metrics(self, keep_before: int) -> None:
+        """Drop metric rows from epochs that will be re-run, so a resumed history has no repeats."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if r.get("epoch", -1) < keep_before]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    # ------------------------------------------------------------------ the run
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        write_json(self.run_dir / "env.json", {**environment(self.device), "seeds": {
+            "runtime": self.cfg.runtime.seed, "data": self.cfg.data.seed, "noise": self.cfg.noise.seed}})
+        info = {"dataset": self.cfg.data.dataset, "modalities": self.modalities,
+                "num_classes": self.splits.num_classes, "class_names": self.splits.class_names,
+                "sizes": {s: len(getattr(self.splits, s)) for s in ("train", "val", "test")}, **self.splits.info}
+        write_json(self.run_dir / "data_info.json", info)
+
+    def _log(self, msg: str) -> None:
+        if self.ctx.is_main:
+            print(msg, flush=True)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        resume_path = self.ctx.resume_from
+        if resume_path is None and cfg.runtime.resume and (self.ckpt_dir / "last.pt").is_file():
+            resume_path = self.ckpt_dir / "last.pt"
+        if resume_path is not None:
+            self.load_checkpoint(Path(resume_path))
+            self._log(f"resumed from {resume_path} at epoch {self.start_epoch}")
+        if self.ctx.is_main:
+            self._write_run_files()
+            self._truncate_metrics(self.start_epoch)
+        t_start = time.time()
+        stopped_early = False
+        epoch = self.start_epoch - 1
+        for epoch in range(self.start_epoch, cfg.optim.epochs):
+            t0 = time.time()
+            row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+            row.update(self.train_epoch(epoch))
+            val = self.evaluate(self.val_loader)
+            row.update({f"val_{k}": v for k, v in val.items()})
+            improved = val["acc"] > self.best_val
+            if improved:
+                self.best_val, self.best_epoch, self.epochs_since_best = val["acc"], epoch, 0
+            else:
+                self.epochs_since_best += 1
+            if self.scheduler is not None:
+                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self.scheduler.step(val["acc"])
+                else:
+                    self.scheduler.step()
+            row["best_val_acc"] = self.best_val
+            row["time_s"] = time.time() - t0
+            patience = cfg.optim.early_stop_patience
+            stopped_early = patience is not None and self.epochs_since_best >= patience
+            ckpt = None
+            if self.ctx.is_main:
+                if improved:
+                    save_checkpoint({"model": self.raw_model.state_dict(), "epoch": epoch},
+                                    self.ckpt_dir / "best.pt")
+                last = epoch == cfg.optim.epochs - 1 or stopped_early
+                if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or last:
+                    ckpt = self.save_checkpoint(epoch)
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            self._log(self._epoch_line(row))
+            if self.ctx.reporter is not None:
+                self.ctx.reporter(row, ckpt)
+            if stopped_early:
+                self._log(f"early stop: no val improvement for {patience} epochs")
+                break
+        return self.finish(time.time() - t_start, stopped_early, epoch + 1)
+
+    def _epoch_line(self, row: dict) -> str:
+        mods = " ".join(f"{m}:{row.get(f'val_acc_{m}', 0):.3f}/a={row.get(f'a_{m}', 0):.2f}" for m in self.modalities)
+        return (f"epoch {row['epoch'] + 1}/{self.cfg.optim.epochs} train_loss {row['train_loss']:.4f} "
+                f"train_acc {row['train_acc']:.4f} val_acc {row['val_acc']:.4f} [{mods}] {row['time_s']:.1f}s")
+
+    def finish(self, duration: float, stopped_early: bool, epochs_run: int) -> dict:
+        """Test with the best-on-validation weights (never select on test) and write summary.json."""
+        best_path = self.ckpt_dir / "best.pt"
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if best_path.is_file():
+            self.raw_model.load_state_dict(load_checkpoint(best_path, map_location=self.device)["model"])
+        test = self.evaluate(self.test_loader)
+        summary = {
+            "name": self.cfg.name,
+            "run_dir": str(self.run_dir),
+            "best_epoch": self.best_epoch,
+            "best_val_acc": self.best_val,
+            "test": test,
+            "test_acc": test["acc"],
+            "epochs_run": epochs_run,
+            "stopped_early": stopped_early,
+            "duration_s": duration,
+            "modalities": self.modalities,
+            "num_classes": self.splits.num_classes,
+            "contributions": self.last_contrib,
+            "seeds": {"runtime": self.cfg.runtime.seed, "data": self.cfg.data.seed, "noise": self.cfg.noise.seed},
+        }
+        if self.ctx.is_main:
+            write_json(self.run_dir / "summary.json", summary)
+            mods = " ".join(f"{m} {test[f'acc_{m}']:.4f}" for m in self.modalities)
+            self._log(f"test (best val epoch {self.best_epoch + 1}): acc {test['acc']:.4f} "
+                      f"macro_f1 {test['macro_f1']:.4f} | unimodal: {mods} | run dir {self.run_dir}")
+        return summary
+
+
+def train(cfg: RunConfig, ctx: RunContext | None = None, splits: DatasetSplits | None = None) -> dict:
+    """Run one configuration to the end and return its summary (also in run_dir/summary.json)."""
+    return Trainer(cfg, ctx, splits).fit()
