@@ -31,26 +31,35 @@ VARIANTS = ("d_x_i", "d_plus_i", "d_only", "i_only", "kl")
 # ------------------------------------------------------------------ eq 3–6: Gaussian MI
 
 
-def shrink_covariance(cov: torch.Tensor, shrinkage: float) -> torch.Tensor:
-    """(1 − s)·Σ + s·(tr Σ / d)·I: positive definite for s > 0 whenever tr Σ > 0."""
+def shrink_covariance(cov: torch.Tensor, shrinkage: float, dx: int | None = None) -> torch.Tensor:
+    """(1 − s)·Σ + s·τ, τ a scaled identity: positive definite for s > 0.
+
+    With `dx` the target is block-wise, τ = diag((tr Σ_X/d_X)·I, (tr Σ_Y/d_Y)·I), so each
+    block is shrunk toward its *own* scale and the MI stays invariant to rescaling X or Y (a
+    single tr Σ/d would swamp a small-scale block, e.g. a weak modality's logits, and bias its
+    MI toward 0). A block with zero trace uses 1.
+    """
     d = cov.shape[0]
-    target = torch.trace(cov) / d
-    if target <= 0:
-        target = cov.new_tensor(1.0)
-    return (1.0 - shrinkage) * cov + shrinkage * target * torch.eye(d, dtype=cov.dtype, device=cov.device)
+    bounds = [(0, d)] if dx is None else [(0, dx), (dx, d)]
+    diag = torch.empty(d, dtype=cov.dtype, device=cov.device)
+    for lo, hi in bounds:
+        t = torch.trace(cov[lo:hi, lo:hi]) / max(hi - lo, 1)
+        diag[lo:hi] = t if t > 0 else 1.0
+    return (1.0 - shrinkage) * cov + shrinkage * torch.diag(diag)
 
 
 def mi_from_covariance(cov: torch.Tensor, dx: int, shrinkage: float = 1e-3) -> float:
     """Eq 5: I(X;Y) = ½·log(det Σ_X · det Σ_Y / det Σ_Z), in nats, from the joint covariance Σ_Z
     of Z = [X, Y] (eq 6; X the first `dx` coordinates).
 
-    Shrinkage is applied to the joint matrix and the marginals are its diagonal blocks, so by
-    Fischer's inequality the result is ≥ 0 (up to rounding) and finite for any s > 0.
+    Shrinkage (toward a per-block scaled identity, see `shrink_covariance`) is applied to the
+    joint matrix and the marginals are its diagonal blocks, so by Fischer's inequality the
+    result is ≥ 0 (up to rounding) and finite for any s > 0.
     """
     cov = cov.to(torch.float64)
     cov = 0.5 * (cov + cov.T)
     if shrinkage > 0:
-        cov = shrink_covariance(cov, shrinkage)
+        cov = shrink_covariance(cov, shrinkage, dx)
     _, logdet_x = torch.linalg.slogdet(cov[:dx, :dx])
     _, logdet_y = torch.linalg.slogdet(cov[dx:, dx:])
     sign_z, logdet_z = torch.linalg.slogdet(cov)
@@ -63,7 +72,8 @@ def gaussian_mi(x: torch.Tensor, y: torch.Tensor, shrinkage: float = 1e-3) -> fl
     """Gaussian mutual information I(X;Y) in nats (eq 3–6) between samples x (N×dx) and y (N×dy).
 
     Computed in float64 with `slogdet`; `shrinkage` pulls the joint covariance toward a scaled
-    identity so the value is finite when N < dx + dy.
+    identity (per block, so the value is invariant to rescaling x or y) so the value is finite
+    when N < dx + dy.
     """
     x = x.reshape(len(x), -1).to(torch.float64)
     y = y.reshape(len(y), -1).to(torch.float64)

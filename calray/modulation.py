@@ -10,7 +10,7 @@ Strategies:
 - `null`:          a_m = 1/M          (uniform additive modulation)
 - `ogm_ge`: OGM-GE (Peng et al., CVPR 2022): the dominant modality's weight gradients are
   scaled by 1 − tanh(α·relu(ρ − 1)) inside an epoch window, plus optional Gaussian noise with
-  the gradient's std (GE)
+  the gradient's std (GE) on every modality's weight gradients
 - `none`: plain joint training
 """
 
@@ -85,17 +85,20 @@ def ogm_coefficients(scores: dict[str, float], alpha: float) -> dict[str, float]
 @torch.no_grad()
 def apply_ogm_ge(model, k: dict[str, float], ge_noise: bool, generator: torch.Generator | None = None) -> None:
     """Scale the weight-matrix/conv gradients (dim ≥ 2, OGM-GE's conv weights) of modality m by k_m,
-    adding N(0, std(grad)²) noise when `ge_noise`. `generator` must be seeded identically on
-    every rank so the noise (and the update) stays identical under DDP."""
+    and, when `ge_noise`, add N(0, std(grad)²) noise (std of the unscaled gradient) to those
+    gradients of *every* modality — as the reference OGM-GE code does (GE applies to both
+    streams, also the one with k = 1). `generator` must be seeded identically on every rank so
+    the noise (and the update) stays identical under DDP."""
     for m, km in k.items():
-        if km >= 1.0:
+        if km >= 1.0 and not ge_noise:
             continue
         for p in model.modality_parameters(m):
             if p.grad is None or p.grad.dim() < 2:
                 continue
             g = p.grad
             std = float(g.float().std()) + 1e-8
-            g.mul_(km)
+            if km < 1.0:
+                g.mul_(km)
             if ge_noise:
                 noise = torch.randn(g.shape, generator=generator, dtype=torch.float32,
                                     device=generator.device if generator is not None else g.device)

@@ -230,7 +230,7 @@ class Trainer:
             out, loss, parts = self._forward_loss(inputs, labels)
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"non-finite loss ({float(loss)}) at epoch {epoch}, step {step} "
+                    f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {step} "
                     f"({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); "
                     f"lower optim.lr or enable optim.grad_clip")
             self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,70 @@
+import pytest
+import yaml
+
+from calray.config import RunConfig, load_config, parse_override
+from calray.errors import ConfigError
+
+
+def write(tmp_path, tree, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(tree) if not isinstance(tree, str) else tree)
+    return p
+
+
+def test_defaults_and_roundtrip(tmp_path):
+    p = write(tmp_path, {"name": "x", "optim": {"lr": 0.01}, "method": {"lambda": 2.5, "T": 3}})
+    cfg = load_config(p)
+    assert cfg.optim.lr == 0.01 and cfg.method.lambda_ == 2.5 and cfg.method.T == 3.0
+    # the dumped form uses the YAML name `lambda` and reloads to the same config
+    again = write(tmp_path, cfg.to_dict(), "again.yaml")
+    assert load_config(again) == cfg
+
+
+def test_unknown_key_names_file_and_dotted_path(tmp_path):
+    p = write(tmp_path, {"optim": {"lrr": 0.1}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "optim.lrr" in msg and "unknown key" in msg
+    assert "\n" not in msg
+
+
+def test_nested_unknown_key_in_encoder(tmp_path):
+    p = write(tmp_path, {"model": {"encoders": {"audio": {"nme": "mlp"}}}})
+    with pytest.raises(ConfigError, match=r"model\.encoders\.audio\.nme"):
+        load_config(p)
+
+
+def test_wrong_type_names_key(tmp_path):
+    p = write(tmp_path, {"data": {"batch_size": "many"}})
+    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+        load_config(p)
+
+
+def test_missing_file_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = write(tmp_path, "optim: {lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(p)
+    p = write(tmp_path, "- 1\n- 2\n", "list.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_dotted_overrides(tmp_path):
+    p = write(tmp_path, {"optim": {"lr": 0.1}})
+    cfg = load_config(p, ["optim.lr=0.01", "method.strategy=weak", "data.modalities=[audio]", "method.lambda=0"])
+    assert cfg.optim.lr == 0.01 and cfg.method.strategy == "weak"
+    assert cfg.data.modalities == ["audio"] and cfg.method.lambda_ == 0.0
+    with pytest.raises(ConfigError, match=r"optim\.bogus"):
+        load_config(p, ["optim.bogus=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("optim.lr")
+    with pytest.raises(ConfigError, match=r"method\.strategy"):
+        load_config(p, ["method.strategy=strongest"])
+
+
+def test_noise_eps_without_kind_rejected():
+    with pytest.raises(Exception, match="eps"):
+        RunConfig.model_validate({"noise": {"eps": 5}})

@@ -1,0 +1,93 @@
+import json
+
+import numpy as np
+import pytest
+
+from calray.config import config_from_dict
+from calray.data import build_datasets
+from calray.data.base import stratified_split
+from calray.errors import ConfigError, DatasetError
+from tests.conftest import tiny_run_dict
+
+
+def test_synthetic_is_deterministic_and_imbalanced(tmp_path):
+    cfg = config_from_dict(tiny_run_dict(tmp_path))
+    a, b = build_datasets(cfg), build_datasets(cfg)
+    assert a.modalities == ["audio", "visual"] and a.num_classes == 4
+    assert len(a.train) == 256 and len(a.val) == 64 and len(a.test) == 96
+    xa, ya = a.train[7]
+    xb, yb = b.train[7]
+    assert ya == yb and all((xa[m] == xb[m]).all() for m in xa)
+    # the dominant modality's class means are farther apart relative to the noise
+    feats = a.train.features
+    y = np.array(a.train.labels)
+    sep = {}
+    for m in ("audio", "visual"):
+        x = feats[m].numpy()
+        centroids = np.stack([x[y == c].mean(0) for c in range(4)])
+        sep[m] = np.linalg.norm(centroids[:, None] - centroids[None], axis=-1).mean()
+    assert sep["audio"] > 2 * sep["visual"]
+
+
+def test_synthetic_params_validated(tmp_path):
+    cfg = config_from_dict(tiny_run_dict(tmp_path, data={"dataset": "synthetic", "params": {"strenghts": [1]}}))
+    with pytest.raises(ConfigError, match=r"data\.params\.strenghts"):
+        build_datasets(cfg)
+
+
+def test_stratified_split_deterministic_and_stratified():
+    labels = np.repeat(np.arange(3), [50, 30, 20])
+    keep, held = stratified_split(labels, 0.1, seed=3)
+    keep2, held2 = stratified_split(labels, 0.1, seed=3)
+    assert (held == held2).all() and (keep == keep2).all()
+    assert sorted(np.concatenate([keep, held]).tolist()) == list(range(100))
+    assert np.bincount(labels[held]).tolist() == [5, 3, 2]
+
+
+def write_features(root, with_val):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    splits = ["train", "test"] + (["val"] if with_val else [])
+    for split, n in zip(splits, (60, 20, 10)):
+        y = np.arange(n) % 3
+        np.savez(root / f"{split}.npz", y=y, x_rgb=rng.normal(size=(n, 5)), x_depth=rng.normal(size=(n, 4)))
+
+
+def test_features_with_and_without_val(tmp_path):
+    write_features(tmp_path / "f1", with_val=True)
+    cfg = config_from_dict(tiny_run_dict(tmp_path, data={"dataset": "features", "root": str(tmp_path / "f1")}))
+    s = build_datasets(cfg)
+    assert s.modalities == ["depth", "rgb"] and s.num_classes == 3
+    assert (len(s.train), len(s.val), len(s.test)) == (60, 10, 20)
+    x, y = s.train[0]
+    assert x["rgb"].shape == (5,) and x["depth"].shape == (4,)
+
+    write_features(tmp_path / "f2", with_val=False)
+    cfg = config_from_dict(tiny_run_dict(tmp_path, data={"dataset": "features", "root": str(tmp_path / "f2")}))
+    s = build_datasets(cfg)
+    assert (len(s.train), len(s.val)) == (54, 6)  # stratified 10%: 2 per class
+    assert len(s.info["val_indices"]) == 6
+    assert not set(s.info["val_indices"]) & set(s.train.indices)
+
+
+def test_features_errors_name_the_path(tmp_path):
+    cfg = config_from_dict(tiny_run_dict(tmp_path, data={"dataset": "features", "root": str(tmp_path / "none")}))
+    with pytest.raises(DatasetError, match="none"):
+        build_datasets(cfg)
+    root = tmp_path / "bad"
+    write_features(root, with_val=False)
+    (root / "test.npz").write_bytes(b"not a zip")
+    cfg = config_from_dict(tiny_run_dict(tmp_path, data={"dataset": "features", "root": str(root)}))
+    with pytest.raises(DatasetError, match="test.npz"):
+        build_datasets(cfg)
+
+
+def test_feature_noise_only_on_test_in_test_mode(tmp_path):
+    clean = build_datasets(config_from_dict(tiny_run_dict(tmp_path)))
+    noisy = build_datasets(config_from_dict(tiny_run_dict(
+        tmp_path, noise={"kind": "gaussian", "eps": 5, "mode": "test", "p_apply": 1.0})))
+    for i in range(5):
+        assert all((clean.train[i][0][m] == noisy.train[i][0][m]).all() for m in ("audio", "visual"))
+        assert any((clean.test[i][0][m] != noisy.test[i][0][m]).any() for m in ("audio", "visual"))
+    # same noise seed → same noise on every read
+    assert (noisy.test[3][0]["audio"] == noisy.test[3][0]["audio"]).all()

@@ -1,0 +1,88 @@
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from calray.checkpoint import load_checkpoint
+from calray.config import config_from_dict
+from calray.errors import TrainingError
+from calray.trainer import Trainer, train
+from tests.conftest import tiny_run_dict
+
+
+def read_rows(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learns_above_chance_and_writes_outputs(tiny_cfg):
+    cfg = tiny_cfg(optim={"name": "sgd", "lr": 0.05, "epochs": 4})
+    summary = train(cfg)
+    run_dir = cfg.run_dir()
+    assert summary["test_acc"] > 0.6  # 4 classes: chance is 0.25
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "env.json", "data_info.json",
+                 "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (run_dir / name).is_file(), name
+    rows = read_rows(run_dir)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    for key in ("train_loss", "val_acc", "val_macro_f1", "val_acc_audio", "W_audio", "a_visual", "beta_audio",
+                "I_audio", "phi_visual", "R_audio", "D_visual"):
+        assert key in rows[-1], key
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["versions"]["torch"] and env["seeds"]["runtime"] == 0
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["optim"]["epochs"] == 4 and saved["method"]["lambda"] == 0.1
+    # model selection on validation: the best epoch is the argmax of val_acc, test is evaluated once
+    best = max(rows, key=lambda r: r["val_acc"])
+    assert summary["best_epoch"] == best["epoch"] and "test_acc" not in rows[-1]
+
+
+def test_resume_continues_from_checkpoint(tiny_cfg):
+    full = tiny_cfg(optim={"epochs": 4}, runtime={"output_dir": tiny_cfg().runtime.output_dir + "/full",
+                                                  "progress": False})
+    ref = train(full)
+    part = tiny_cfg(optim={"epochs": 2})
+    train(part)
+    ckpt = load_checkpoint(part.run_dir() / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 1
+    resumed = tiny_cfg(optim={"epochs": 4})
+    trainer = Trainer(resumed)
+    summary = trainer.fit()
+    assert trainer.start_epoch == 2
+    rows = read_rows(resumed.run_dir())
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    # same seeds and data order: the resumed run reproduces the uninterrupted one
+    ref_rows = read_rows(full.run_dir())
+    for a, b in zip(rows, ref_rows):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert summary["test_acc"] == pytest.approx(ref["test_acc"])
+
+
+def test_resume_drops_rows_of_epochs_to_rerun(tiny_cfg):
+    cfg = tiny_cfg(optim={"epochs": 3})
+    train(cfg)
+    run_dir = cfg.run_dir()
+    # simulate a crash after epoch 1's checkpoint but after epoch 2's row was written
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    state["epoch"] = 1
+    torch.save(state, run_dir / "checkpoints" / "last.pt")
+    train(cfg)
+    assert [r["epoch"] for r in read_rows(run_dir)] == [0, 1, 2]
+
+
+def test_nan_loss_stops_with_epoch_and_step(tiny_cfg):
+    cfg = tiny_cfg(optim={"name": "sgd", "lr": 1e6, "momentum": 0.9, "epochs": 3},
+                   method={"strategy": "none", "aib": "off"})
+    with pytest.raises(TrainingError, match=r"non-finite loss .* epoch \d+, step \d+"):
+        train(cfg)
+
+
+def test_early_stopping_and_schedulers(tiny_cfg):
+    for sched in ("step", "multistep", "cosine", "plateau"):
+        cfg = tiny_cfg(optim={"epochs": 2, "scheduler": sched, "step_size": 1, "milestones": [1]},
+                       runtime={"output_dir": tiny_cfg().runtime.output_dir + f"/{sched}", "progress": False})
+        assert math.isfinite(train(cfg)["test_acc"])
+    cfg = tiny_cfg(optim={"epochs": 30, "lr": 1e-9, "early_stop_patience": 2})
+    summary = train(cfg)
+    assert summary["stopped_early"] and summary["epochs_run"] < 30
