@@ -72,10 +72,23 @@ class MethodConfig(Strict):
     latent_dim: int | None = None  # AIB latent size (default: the embedding size)
     unimodal_weight: float = Field(1.0, ge=0.0)  # eq 21: weight of Σ_m CE(p^m, y)
     warmup_epochs: int = Field(0, ge=0)  # epochs trained with no modulation
+    track_contributions: bool = True  # accumulate/log W, a, β even when the strategy ignores them
     update_every: int | None = Field(None, ge=1)  # refresh W every k steps (default: each epoch)
     ogm_alpha: float = Field(0.8, ge=0.0)  # OGM-GE: k = 1 − tanh(α·relu(ρ − 1))
     ogm_epochs: tuple[int, int] = (0, 50)  # OGM-GE modulation window [start, end]
     ogm_ge_noise: bool = True  # OGM-GE: add N(0, std(grad)) to the modulated gradients
+
+    @field_validator("aib", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _tracking_needed(self):
+        if not self.track_contributions and (self.strategy in ("cal", "weak") or self.aib not in ("off",)):
+            raise ValueError(f"track_contributions=false, but strategy {self.strategy!r} / aib {self.aib!r} "
+                             "need the contributions (use strategy none|null|ogm_ge with aib off)")
+        return self
 
 
 class OptimConfig(Strict):

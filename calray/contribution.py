@@ -115,8 +115,16 @@ class ContributionStats:
         self.true_prob = self._zeros(m)
         self.correct = self._zeros(m)
         self.kl_sum = self._zeros(m)
-        self.sum_z = {k: self._zeros(d + self.fused_dim) for k, d in self.rep_dims.items()}
-        self.sum_zz = {k: self._zeros(d + self.fused_dim, d + self.fused_dim) for k, d in self.rep_dims.items()}
+        dims = {d + self.fused_dim for d in self.rep_dims.values()}
+        self._stacked = len(dims) == 1  # equal sizes (e.g. logits): one batched matmul for all modalities
+        if self._stacked:
+            d = dims.pop()
+            self._sum_z_all, self._sum_zz_all = self._zeros(m, d), self._zeros(m, d, d)
+            self.sum_z = {k: self._sum_z_all[i] for i, k in enumerate(self.modalities)}
+            self.sum_zz = {k: self._sum_zz_all[i] for i, k in enumerate(self.modalities)}
+        else:
+            self.sum_z = {k: self._zeros(d + self.fused_dim) for k, d in self.rep_dims.items()}
+            self.sum_zz = {k: self._zeros(d + self.fused_dim, d + self.fused_dim) for k, d in self.rep_dims.items()}
 
     def _tensors(self) -> list[torch.Tensor]:
         out = [self.count, self.fused_correct, self.loglik_gain, self.true_prob, self.correct, self.kl_sum]
@@ -129,21 +137,31 @@ class ContributionStats:
                unimodal_logits: dict[str, torch.Tensor], ablated_logits: dict[str, torch.Tensor],
                reps: dict[str, torch.Tensor], fused_rep: torch.Tensor) -> None:
         y = labels.to(self.device).long()
-        logp_f = F.log_softmax(fused_logits.detach().to(self.device, torch.float64), dim=1)
+        f64 = torch.float64
+        mods = self.modalities
+        logp_f = F.log_softmax(fused_logits.detach().to(self.device, f64), dim=1)  # B×K
+        logp_u = F.log_softmax(torch.stack([unimodal_logits[m].detach() for m in mods]).to(self.device, f64), dim=2)
+        logp_a = F.log_softmax(torch.stack([ablated_logits[m].detach() for m in mods]).to(self.device, f64), dim=2)
+        idx = y[None, :, None].expand(len(mods), -1, 1)
         lp_true_f = logp_f.gather(1, y[:, None]).squeeze(1)
+        lp_true_u = logp_u.gather(2, idx).squeeze(2)  # M×B
         self.count += len(y)
         self.fused_correct += (logp_f.argmax(1) == y).sum()
-        f = fused_rep.detach().reshape(len(y), -1).to(self.device, torch.float64)
-        for i, m in enumerate(self.modalities):
-            logp_abl = F.log_softmax(ablated_logits[m].detach().to(self.device, torch.float64), dim=1)
-            self.loglik_gain[i] += (lp_true_f - logp_abl.gather(1, y[:, None]).squeeze(1)).sum()
-            logp_m = F.log_softmax(unimodal_logits[m].detach().to(self.device, torch.float64), dim=1)
-            self.true_prob[i] += logp_m.gather(1, y[:, None]).exp().sum()
-            self.correct[i] += (logp_m.argmax(1) == y).sum()
-            self.kl_sum[i] += (logp_f.exp() * (logp_f - logp_m)).sum()
-            z = torch.cat([reps[m].detach().reshape(len(y), -1).to(self.device, torch.float64), f], dim=1)
-            self.sum_z[m] += z.sum(0)
-            self.sum_zz[m] += z.T @ z
+        self.loglik_gain += (lp_true_f[None] - logp_a.gather(2, idx).squeeze(2)).sum(1)
+        self.true_prob += lp_true_u.exp().sum(1)
+        self.correct += (logp_u.argmax(2) == y[None]).sum(1)
+        self.kl_sum += (logp_f.exp()[None] * (logp_f[None] - logp_u)).sum((1, 2))
+        f = fused_rep.detach().reshape(len(y), -1).to(self.device, f64)
+        if self._stacked:
+            r = torch.stack([reps[m].detach().reshape(len(y), -1) for m in mods]).to(self.device, f64)
+            z = torch.cat([r, f[None].expand(len(mods), -1, -1)], dim=2)  # M×B×(d+d_f)
+            self._sum_z_all += z.sum(1)
+            self._sum_zz_all += z.transpose(1, 2) @ z
+        else:
+            for m in mods:
+                z = torch.cat([reps[m].detach().reshape(len(y), -1).to(self.device, f64), f], dim=1)
+                self.sum_z[m] += z.sum(0)
+                self.sum_zz[m] += z.T @ z
 
     def merge(self, other: "ContributionStats") -> "ContributionStats":
         for a, b in zip(self._tensors(), other._tensors()):

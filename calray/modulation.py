@@ -57,9 +57,9 @@ def scale_gradients(model, a: dict[str, float], eta: float) -> dict[str, float]:
         scales[m] = s
         if s == 1.0:
             continue
-        for p in model.modality_parameters(m):
-            if p.grad is not None:
-                p.grad.mul_(s)
+        grads = [p.grad for p in model.modality_parameters(m) if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, s)
     return scales
 
 

@@ -110,6 +110,7 @@ class Trainer:
         self.last_contrib: dict = {}
         counts = torch.bincount(torch.as_tensor(dataset_labels(self.splits.train)), minlength=self.splits.num_classes)
         self.h_y = label_entropy(counts)
+        self.track = m.track_contributions
         self.window, self.epoch_stats = self._new_stats(), self._new_stats()
 
         self.train_loader = self._loader(self.splits.train, train=True)
@@ -172,7 +173,7 @@ class Trainer:
     def _forward_loss(self, inputs, labels):
         m = self.cfg.method
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            out = self.model(inputs, ablation=m.phi_ablation)
+            out = self.model(inputs, ablation=m.phi_ablation if self.track else None)
         ce = {k: F.cross_entropy(v.float(), labels) for k, v in out.unimodal_logits.items()}
         loss_fused = F.cross_entropy(out.fused_logits.float(), labels)
         loss = loss_fused + m.unimodal_weight * sum(ce.values())
@@ -191,6 +192,8 @@ class Trainer:
 
     def refresh_contributions(self, end_of_epoch: bool) -> dict:
         """All-reduce the window's sums, then compute W, a and β from the global sums."""
+        if not self.track:
+            return {}
         self.window.all_reduce()
         self.epoch_stats.merge(self.window)
         stats = self.epoch_stats if end_of_epoch else self.window
@@ -211,6 +214,25 @@ class Trainer:
         self.last_contrib = flat
         return flat
 
+    def train_step(self, inputs, labels, epoch: int, step: int) -> torch.Tensor:
+        """One optimisation step on a device-resident batch; returns the detached loss."""
+        out, loss, parts = self._forward_loss(inputs, labels)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {step} "
+                f"({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); "
+                f"lower optim.lr or enable optim.grad_clip")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.modulator.apply(self.raw_model, epoch, out.unimodal_logits, labels)
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        if self.track:
+            reps, fused_rep = self._reps(out)
+            self.window.update(labels, out.fused_logits, out.unimodal_logits, out.ablated_logits, reps, fused_rep)
+        return loss.detach()
+
     def train_epoch(self, epoch: int) -> dict:
         cfg = self.cfg
         self.model.train()
@@ -218,7 +240,7 @@ class Trainer:
         self.window.reset()
         self.epoch_stats.reset()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        steps = 0
+        seen = 0
         limit = cfg.runtime.max_steps_per_epoch
         total = min(len(self.train_loader), limit or len(self.train_loader))
         bar = self._progress(self.train_loader, total, f"epoch {epoch + 1}/{cfg.optim.epochs}")
@@ -227,32 +249,20 @@ class Trainer:
                 break
             inputs = to_device(inputs, self.device, self.channels_last)
             labels = labels.to(self.device, non_blocking=True)
-            out, loss, parts = self._forward_loss(inputs, labels)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {step} "
-                    f"({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); "
-                    f"lower optim.lr or enable optim.grad_clip")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.modulator.apply(self.raw_model, epoch, out.unimodal_logits, labels)
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
-            reps, fused_rep = self._reps(out)
-            self.window.update(labels, out.fused_logits, out.unimodal_logits, out.ablated_logits, reps, fused_rep)
-            loss_sum += loss.detach() * len(labels)
-            steps += 1
+            loss = self.train_step(inputs, labels, epoch, step)
+            loss_sum += loss * len(labels)
+            seen += len(labels)
             if cfg.method.update_every and (step + 1) % cfg.method.update_every == 0:
                 self.refresh_contributions(end_of_epoch=False)
             if hasattr(bar, "set_postfix") and step % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss):.3f}")
         contrib = self.refresh_contributions(end_of_epoch=True)
         stats = self.epoch_stats
-        n = max(float(stats.count), 1.0)
-        loss_total = self._all_reduce_scalar(loss_sum)
-        row = {"train_loss": loss_total / n, "train_acc": stats.fused_accuracy()}
-        row.update({f"train_acc_{m}": v for m, v in stats.unimodal_accuracy().items()})
+        n_seen = self._all_reduce_scalar(torch.tensor(float(seen), dtype=torch.float64, device=self.device))
+        row = {"train_loss": self._all_reduce_scalar(loss_sum) / max(n_seen, 1.0)}
+        if self.track:
+            row["train_acc"] = stats.fused_accuracy()
+            row.update({f"train_acc_{m}": v for m, v in stats.unimodal_accuracy().items()})
         row.update(contrib)
         return row
 
@@ -405,7 +415,7 @@ class Trainer:
     def _epoch_line(self, row: dict) -> str:
         mods = " ".join(f"{m}:{row.get(f'val_acc_{m}', 0):.3f}/a={row.get(f'a_{m}', 0):.2f}" for m in self.modalities)
         return (f"epoch {row['epoch'] + 1}/{self.cfg.optim.epochs} train_loss {row['train_loss']:.4f} "
-                f"train_acc {row['train_acc']:.4f} val_acc {row['val_acc']:.4f} [{mods}] {row['time_s']:.1f}s")
+                f"train_acc {row.get('train_acc', float('nan')):.4f} val_acc {row['val_acc']:.4f} [{mods}] {row['time_s']:.1f}s")
 
     def finish(self, duration: float, stopped_early: bool, epochs_run: int) -> dict:
         """Test with the best-on-validation weights (never select on test) and write summary.json."""

@@ -12,6 +12,8 @@ from calray.models.encoders import build_encoder
 from calray.models.fusion import Fusion, build_fusion
 
 EMB_MEAN_MOMENTUM = 0.01  # EMA of each embedding, used by the `mean` ablation of φ (eq 8)
+# The EMA is warm-started: step k (0-based) uses rate max(momentum, 1/(k+1)), so for the first
+# 1/momentum steps it is the exact mean of the batch means (no bias toward the zero init).
 
 
 @dataclass
@@ -37,6 +39,7 @@ class MultimodalModel(nn.Module):
         self.separate_heads = nn.ModuleDict(separate_heads or {})
         for m in self.modalities:
             self.register_buffer(f"emb_mean_{m}", torch.zeros(fusion.dims[m]))
+        self.register_buffer("emb_mean_steps", torch.zeros((), dtype=torch.long))
 
     def modality_parameters(self, m: str) -> list[nn.Parameter]:
         """θ_m of eq 11: the parameters exclusive to modality m's branch (encoder + AIB head)."""
@@ -63,17 +66,23 @@ class MultimodalModel(nn.Module):
             if m in self.aib_heads:
                 h, mu[m], logvar[m] = self.aib_heads[m](h)
             embs[m] = h
-        if self.training:
+        if self.training and ablation == "mean":  # the running mean is only needed by that ablation
             with torch.no_grad():
+                rate = (1.0 / (self.emb_mean_steps + 1).float()).clamp(min=EMB_MEAN_MOMENTUM)
                 for m, h in embs.items():
-                    self.embedding_mean(m).lerp_(h.detach().float().mean(0), EMB_MEAN_MOMENTUM)
+                    self.embedding_mean(m).lerp_(h.detach().float().mean(0), rate)
+                self.emb_mean_steps += 1
         fused_repr, fused_logits = self.fusion(embs)
         if self.separate_heads:
             unimodal = {m: self.separate_heads[m](embs[m]) for m in self.modalities}
         else:
             unimodal = {m: self.fusion.unimodal_logits(embs, m) for m in self.modalities}
         ablated = {}
-        if ablation is not None:
+        if ablation == "zero" and self._ablation_is_unimodal():
+            # two modalities, shared head: "fusion without m" is exactly the other's unimodal logits
+            a, b = self.modalities
+            ablated = {a: unimodal[b].detach(), b: unimodal[a].detach()}
+        elif ablation is not None:
             with torch.no_grad():
                 for m in self.modalities:
                     detached = {k: v.detach() for k, v in embs.items()}
@@ -83,6 +92,12 @@ class MultimodalModel(nn.Module):
                         detached[m] = self.embedding_mean(m).to(detached[m].dtype).expand_as(detached[m])
                     ablated[m] = self.fusion(detached)[1]
         return ModelOutput(embs, fused_repr, fused_logits, unimodal, ablated, mu, logvar)
+
+
+    def _ablation_is_unimodal(self) -> bool:
+        from calray.models.fusion import LateFusion
+
+        return len(self.modalities) == 2 and not self.separate_heads and not isinstance(self.fusion, LateFusion)
 
 
 def batched_sample(dataset, n: int = 2):

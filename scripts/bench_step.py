@@ -1,0 +1,144 @@
+"""Benchmark: a CAL training step vs a plain joint-training step, same model and batch (issue 8, target 1).
+
+Both variants run the trainer's own `Trainer.train_step` on one device-resident batch; rounds
+of the two are interleaved so drift (thermal, other load) hits both alike, and the script
+prints the ratio of medians. Variants:
+  plain    strategy none, AIB off, no contribution tracking (plain joint training + unimodal CE)
+  cal      strategy cal (ablated fusion passes, moment accumulation, gradient scaling), AIB off
+  cal_aib  strategy cal with the AIB heads and loss (adds parameters, so not the same model)
+
+  python scripts/bench_step.py --preset mlp                  # CPU, small model
+  python scripts/bench_step.py --preset cremad --device cuda # CREMA-D shapes, ResNet18 pair
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from calray.config import config_from_dict  # noqa: E402
+from calray.data.base import DatasetSplits  # noqa: E402
+from calray.runinfo import environment  # noqa: E402
+from calray.trainer import Trainer, to_device  # noqa: E402
+
+PRESETS = {
+    # name: (per-modality input shapes, encoders, classes, batch)
+    "mlp": ({"audio": (64,), "visual": (64,)},
+            {"audio": {"name": "mlp", "hidden": [256, 256]}, "visual": {"name": "mlp", "hidden": [256, 256]}}, 6, 64),
+    "cremad-small": ({"audio": (1, 64, 48), "visual": (2, 3, 64, 64)},
+                     {"audio": {"name": "resnet18", "in_channels": 1},
+                      "visual": {"name": "resnet18", "in_channels": 3, "frames": True}}, 6, 16),
+    "cremad": ({"audio": (1, 257, 188), "visual": (3, 3, 224, 224)},
+               {"audio": {"name": "resnet18", "in_channels": 1},
+                "visual": {"name": "resnet18", "in_channels": 3, "frames": True}}, 6, 64),
+}
+VARIANTS = {
+    "plain": {"strategy": "none", "aib": "off", "track_contributions": False},
+    "cal": {"strategy": "cal", "aib": "off"},
+    "cal_aib": {"strategy": "cal", "aib": "beta", "lambda": 0.1},
+}
+
+
+class RandomInputs(Dataset):
+    """Random inputs of fixed shapes: only used to size the model and the batch."""
+
+    def __init__(self, shapes: dict, num_classes: int, n: int):
+        g = torch.Generator().manual_seed(0)
+        self.x = {m: torch.randn(n, *s, generator=g) for m, s in shapes.items()}
+        self.labels = torch.randint(0, num_classes, (n,), generator=g).tolist()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {m: x[i] for m, x in self.x.items()}, self.labels[i]
+
+
+def make_trainer(preset: str, variant: str, device: str, amp: bool, tmp: Path) -> Trainer:
+    shapes, encoders, k, batch = PRESETS[preset]
+    ds = RandomInputs(shapes, k, batch)
+    splits = DatasetSplits(ds, ds, ds, list(shapes), k)
+    cfg = config_from_dict({
+        "name": f"bench_{variant}",
+        "data": {"batch_size": batch},
+        "model": {"encoders": encoders, "fusion": "concat"},
+        "method": VARIANTS[variant],
+        "optim": {"name": "sgd", "lr": 1e-3},
+        "runtime": {"device": device, "amp": amp, "output_dir": str(tmp), "progress": False},
+    }, "bench")
+    return Trainer(cfg, splits=splits)
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(trainer: Trainer, batch, steps: int) -> float:
+    inputs, labels = batch
+    sync(trainer.device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        trainer.train_step(inputs, labels, epoch=1, step=i)
+    sync(trainer.device)
+    return (time.perf_counter() - t0) / steps
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="mlp")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default: bf16 autocast)")
+    p.add_argument("--steps", type=int, default=20, help="steps per round")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
+    args = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    tmp = args.out.parent / "bench_step_runs"
+    trainers = {v: make_trainer(args.preset, v, args.device, not args.no_amp, tmp) for v in args.variants}
+    first = next(iter(trainers.values()))
+    inputs, labels = next(iter(first.train_loader))
+    batch = (to_device(inputs, first.device, first.channels_last), labels.to(first.device))
+    for t in trainers.values():
+        t.model.train()
+        time_steps(t, batch, args.warmup)
+    times = {v: [] for v in trainers}
+    for _ in range(args.rounds):
+        for v, t in trainers.items():
+            times[v].append(time_steps(t, batch, args.steps))
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    base = med.get("plain")
+    bs = len(labels)
+    print(f"preset {args.preset}, device {first.device}, batch {bs}, amp {first.amp}, "
+          f"{args.rounds} rounds × {args.steps} steps (median per step)")
+    print(f"{'variant':<10}{'ms/step':>10}{'samples/s':>12}{'× plain':>10}")
+    for v, m in med.items():
+        ratio = f"{m / base:.3f}" if base else "-"
+        print(f"{v:<10}{m * 1e3:>10.2f}{bs / m:>12.0f}{ratio:>10}")
+    result = {
+        "preset": args.preset, "device": str(first.device), "batch": bs, "amp": first.amp,
+        "ms_per_step": {v: m * 1e3 for v, m in med.items()},
+        "ratio_to_plain": {v: m / base for v, m in med.items()} if base else None,
+        "rounds": {v: [x * 1e3 for x in ts] for v, ts in times.items()},
+        "env": environment(first.device),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
