@@ -74,9 +74,17 @@ class MethodConfig(Strict):
     warmup_epochs: int = Field(0, ge=0)  # epochs trained with no modulation
     track_contributions: bool = True  # accumulate/log W, a, β even when the strategy ignores them
     update_every: int | None = Field(None, ge=1)  # refresh W every k steps (default: each epoch)
-    ogm_alpha: float = Field(0.8, ge=0.0)  # OGM-GE: k = 1 − tanh(α·relu(ρ − 1))
+    ogm_alpha: float = Field(0.8, ge=0.0)  # OGM-GE: k = 1 − tanh(α·ρ) for the dominant modality (ρ > 1)
+    ogm_continuous: bool = False  # k = 1 − tanh(α·relu(ρ − 1)) instead: no jump at ρ = 1
     ogm_epochs: tuple[int, int] = (0, 50)  # OGM-GE modulation window [start, end]
-    ogm_ge_noise: bool = True  # OGM-GE: add N(0, std(grad)) to the modulated gradients
+    ogm_ge_noise: bool = True  # OGM-GE (GE): add N(0, std(grad)²) to every modality's weight gradients
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _yaml_null_strategy(cls, v):
+        """YAML reads a bare `strategy: null` (or `--set method.strategy=null`) as None; the
+        strategy named "null" (uniform a) is what is meant."""
+        return "null" if v is None else v
 
     @field_validator("aib", mode="before")
     @classmethod
@@ -152,6 +160,8 @@ class DistributedConfig(Strict):
     check_consistency: bool = False  # all-gather a checksum of `a` at each refresh; fail on mismatch
     max_failures: int = Field(0, ge=-1)
     storage_path: str | None = None  # shared storage for multi-node runs (default: runtime.output_dir)
+    find_unused_parameters: bool | None = None  # DDP; None: detect (probe forward/backward before wrapping)
+    collective_timeout_s: float = Field(1800.0, gt=0.0)  # torch.distributed timeout: a hung collective fails
 
 
 class RunConfig(Strict):

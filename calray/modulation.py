@@ -9,7 +9,7 @@ Strategies:
 - `weak`:          a = softmax(−T·W)  (reverses cal's ranking)
 - `null`:          a_m = 1/M          (uniform additive modulation)
 - `ogm_ge`: OGM-GE (Peng et al., CVPR 2022): the dominant modality's weight gradients are
-  scaled by 1 − tanh(α·relu(ρ − 1)) inside an epoch window, plus optional Gaussian noise with
+  scaled by 1 − tanh(α·ρ) (reference code; `ogm_continuous`: 1 − tanh(α·relu(ρ − 1))) inside an epoch window, plus optional Gaussian noise with
   the gradient's std (GE) on every modality's weight gradients
 - `none`: plain joint training
 """
@@ -71,14 +71,22 @@ def ogm_scores(unimodal_logits: dict[str, torch.Tensor], labels: torch.Tensor) -
     ])
 
 
-def ogm_coefficients(scores: dict[str, float], alpha: float) -> dict[str, float]:
-    """k_m = 1 − tanh(α·relu(ρ_m − 1)), ρ_m = s_m / mean_{j≠m} s_j (for M = 2 exactly OGM-GE's ratio)."""
+def ogm_coefficients(scores: dict[str, float], alpha: float, continuous: bool = False) -> dict[str, float]:
+    """OGM-GE's coefficient per modality, ρ_m = s_m / mean_{j≠m} s_j (for M = 2 exactly OGM-GE's ratio).
+
+    Default (the reference code, GeWu-Lab/OGM-GE_CVPR2022): k_m = 1 − tanh(α·ρ_m) when ρ_m > 1, else 1
+    — so k jumps to 1 − tanh(α) as soon as a modality dominates. `continuous=True`:
+    k_m = 1 − tanh(α·relu(ρ_m − 1)), which is 1 at ρ = 1 and has no jump.
+    """
     names = list(scores)
     out = {}
     for m in names:
         others = [scores[j] for j in names if j != m]
         rho = scores[m] / max(sum(others) / len(others), 1e-12)
-        out[m] = 1.0 - math.tanh(alpha * max(rho - 1.0, 0.0))
+        if continuous:
+            out[m] = 1.0 - math.tanh(alpha * max(rho - 1.0, 0.0))
+        else:
+            out[m] = 1.0 - math.tanh(alpha * rho) if rho > 1.0 else 1.0
     return out
 
 
@@ -137,7 +145,8 @@ class GradientModulator:
             if dist.is_available() and dist.is_initialized():
                 scores = scores.to(labels.device)
                 dist.all_reduce(scores)  # every rank must scale identically
-            k = ogm_coefficients({m: float(s) for m, s in zip(unimodal_logits, scores)}, self.method.ogm_alpha)
+            k = ogm_coefficients({m: float(s) for m, s in zip(unimodal_logits, scores)}, self.method.ogm_alpha,
+                                 self.method.ogm_continuous)
             apply_ogm_ge(model, k, self.method.ogm_ge_noise, self.generator)
             return {f"k_{m}": v for m, v in k.items()}
         return scale_gradients(model, self.a, self.method.eta)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from calray.config import config_from_dict
+
+# Tiny models on a 2-core machine: one intra-op thread is much faster than oversubscribing,
+# also in subprocesses and Ray workers the tests start.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def tiny_run_dict(tmp_path, **sections) -> dict:
