@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import pickle
 from pathlib import Path
@@ -171,9 +172,14 @@ def make_tokenizer(directory: Path) -> Path:
     from transformers import BertTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "_"] + MVSA_WORDS
     vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "_"] + MVSA_WORDS) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(str(directory))
+    vocab.write_text("\n".join(words) + "\n")
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5
+        tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    else:
+        tok = BertTokenizerFast(vocab_file=str(vocab))
+    tok.save_pretrained(str(directory))
     return directory
 
 

@@ -88,6 +88,19 @@ def test_feature_noise_only_on_test_in_test_mode(tmp_path):
         tmp_path, noise={"kind": "gaussian", "eps": 5, "mode": "test", "p_apply": 1.0})))
     for i in range(5):
         assert all((clean.train[i][0][m] == noisy.train[i][0][m]).all() for m in ("audio", "visual"))
+        assert all((clean.val[i][0][m] == noisy.val[i][0][m]).all() for m in ("audio", "visual"))
         assert any((clean.test[i][0][m] != noisy.test[i][0][m]).any() for m in ("audio", "visual"))
     # same noise seed → same noise on every read
     assert (noisy.test[3][0]["audio"] == noisy.test[3][0]["audio"]).all()
+
+
+def test_feature_salt_pepper_fraction_scales_with_eps(tmp_path):
+    fractions = {}
+    for eps in (5, 10):
+        noisy = build_datasets(config_from_dict(tiny_run_dict(
+            tmp_path, noise={"kind": "salt_pepper", "eps": eps, "p_apply": 1.0, "density": 0.2})))
+        clean = build_datasets(config_from_dict(tiny_run_dict(tmp_path)))
+        changed = [(noisy.test[i][0]["audio"] != clean.test[i][0]["audio"]).float().mean() for i in range(96)]
+        fractions[eps] = float(np.mean(changed))
+    assert fractions[10] == pytest.approx(0.2, abs=0.03)
+    assert fractions[5] == pytest.approx(0.1, abs=0.03)

@@ -38,13 +38,23 @@ def cache_dir_for(root: str | os.PathLike, dataset: str, settings: dict) -> Path
 
 
 def _create_npy(path: Path, shape: tuple, dtype) -> None:
-    """Create a zero-filled .npy atomically, so a reader never maps a half-written header."""
+    """Create a zero-filled .npy once: written aside, then hard-linked into place.
+
+    A link never replaces an existing file, so when processes race the first one wins and no
+    process keeps writing into a file another has swapped out (which could pair a filled flag
+    with an empty row).
+    """
     if path.exists():
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(path)}.tmp")
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
     del arr
-    os.replace(tmp, path)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
 
 
 class RowCache:

@@ -45,6 +45,8 @@ def to_tensor(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> t
     arr = np.asarray(img)
     if arr.ndim == 2:
         arr = arr[:, :, None]
+    if not arr.flags.writeable:  # views of PIL images are read-only; torch wants writable memory
+        arr = arr.copy()
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)

@@ -44,14 +44,15 @@ def feature_noise_transform(cfg, split: str, modalities: list[str]):
     """Gaussian / salt-pepper noise on feature vectors for the tensor datasets, or None.
 
     Gaussian: x + N(0, (ε·std_scale)²) with std_scale default 0.1 (features are ~unit scale);
-    salt-pepper: a `density` fraction of entries set to ± the sample's max |x|. Each sample is
+    salt-pepper: a density·ε/10 fraction of entries (so `density` at ε = 10) set to ± the sample's
+    max |x| — our definition for feature vectors, scaled by ε like the Gaussian. Each sample is
     attacked with probability p_apply (default 0.5), drawn from a generator seeded by
     (noise seed, split, index) so the attack is the same every time the sample is read.
     """
     noise = cfg.noise
     if noise.kind == "none" or noise.eps == 0:
         return None
-    if split == "train" and noise.mode != "train+test":
+    if split != "test" and noise.mode != "train+test":  # `test` mode: train and val stay clean
         return None
     attacked = noise.modalities or modalities
     p_apply = 0.5 if noise.p_apply is None else noise.p_apply
@@ -67,7 +68,7 @@ def feature_noise_transform(cfg, split: str, modalities: list[str]):
             if noise.kind == "gaussian":
                 x += torch.from_numpy(rng.normal(0.0, noise.eps * scale, size=tuple(x.shape)).astype(np.float32))
             else:
-                mask = rng.random(tuple(x.shape)) < noise.density
+                mask = rng.random(tuple(x.shape)) < min(noise.density * noise.eps / 10.0, 1.0)
                 sign = np.where(rng.random(tuple(x.shape)) < 0.5, -1.0, 1.0)
                 peak = float(x.abs().max()) or 1.0
                 x[torch.from_numpy(mask)] = torch.from_numpy((sign * peak).astype(np.float32))[torch.from_numpy(mask)]
