@@ -34,6 +34,7 @@ from calray.runinfo import environment, rng_state, seed_everything, set_rng_stat
 from calray.sampling import ShardedSampler
 
 Reporter = Callable[[dict, "Path | None"], None]
+STATS_FLUSH_EVERY = 16  # contribution statistics are accumulated in batches of this many steps
 
 
 @dataclass
@@ -157,7 +158,7 @@ class Trainer:
             with torch.no_grad():
                 zeros = {m: torch.zeros(1, d, device=self.device) for m, d in fusion.dims.items()}
                 fused = int(fusion(zeros)[0].shape[1])
-        return ContributionStats(self.modalities, dims, fused, device=self.device)
+        return ContributionStats(self.modalities, dims, fused, device=self.device, flush_every=STATS_FLUSH_EVERY)
 
     def _loader(self, dataset, train: bool) -> DataLoader:
         d = self.cfg.data
@@ -217,11 +218,7 @@ class Trainer:
     def train_step(self, inputs, labels, epoch: int, step: int) -> torch.Tensor:
         """One optimisation step on a device-resident batch; returns the detached loss."""
         out, loss, parts = self._forward_loss(inputs, labels)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {step} "
-                f"({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); "
-                f"lower optim.lr or enable optim.grad_clip")
+        self._check_finite((torch.isfinite(loss.detach()), loss.detach(), parts, epoch, step))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.modulator.apply(self.raw_model, epoch, out.unimodal_logits, labels)
@@ -232,6 +229,20 @@ class Trainer:
             reps, fused_rep = self._reps(out)
             self.window.update(labels, out.fused_logits, out.unimodal_logits, out.ablated_logits, reps, fused_rep)
         return loss.detach()
+
+    def _check_finite(self, pending) -> None:
+        """Stop on a non-finite loss, naming epoch and step. On CUDA the check of step t runs at
+        step t+1 (or at the epoch's end), so the host never waits for the device mid-epoch."""
+        if self.cuda:
+            pending, self._unchecked = getattr(self, "_unchecked", None), pending
+        if pending is None:
+            return
+        finite, loss, parts, epoch, step = pending
+        if not bool(finite):
+            raise TrainingError(
+                f"non-finite loss ({float(loss)}) at epoch {epoch}, step {step} "
+                f"({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); "
+                f"lower optim.lr or enable optim.grad_clip")
 
     def train_epoch(self, epoch: int) -> dict:
         cfg = self.cfg
@@ -256,6 +267,8 @@ class Trainer:
                 self.refresh_contributions(end_of_epoch=False)
             if hasattr(bar, "set_postfix") and step % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss):.3f}")
+        if self.cuda:
+            self._check_finite(None)  # the last step's deferred check
         contrib = self.refresh_contributions(end_of_epoch=True)
         stats = self.epoch_stats
         n_seen = self._all_reduce_scalar(torch.tensor(float(seen), dtype=torch.float64, device=self.device))
