@@ -1,0 +1,434 @@
+"""`python -m calray.sweep SWEEP.yaml [--address ADDR] [--resume] [--dry-run] [--cells PATTERN] [--num-samples N]`.
+
+Ray Tune + Optuna over the CAL hyper-parameters (T, η, λ, n, ...) repeated over cells
+(dataset × noise setting × variant). Optuna's searcher rejects Tune grid axes, so the cells are an
+outer loop: one Tuner and one Optuna study (`study_name = cell id`, all in one JournalStorage
+file) per cell, cells run one after another, trials of a cell run concurrently.
+
+Outputs under `<ray.storage_path>/<name>/` (docs/SWEEPS.md): sweep.yaml, cells.json,
+trials.parquet + trials.csv, optuna.journal, best/<cell>.yaml, runs/<cell>/<trial_id>/, and
+manifest/ + ray/ (the sweep's own trial record and Ray's experiment state, used by --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from calray.errors import CalrayError, ConfigError
+from calray.sweep_config import Cell, SweepPlan, example_params, load_sweep, stored_spec
+from calray.sweep_results import FINISHED, Manifest, manifest_path, write_outputs
+
+log = logging.getLogger("calray.sweep")
+
+# parts of the sweep file that must not change between a sweep and its --resume
+RESUME_KEYS = ("search.space", "search.algorithm", "search.metric", "search.mode", "search.seed",
+               "scheduler", "resources", "set", "cells")
+
+
+class Interrupted(Exception):
+    """The sweep stopped before every trial finished (Ctrl-C); --resume continues it."""
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m calray.sweep",
+                                description="Ray Tune + Optuna sweep over CAL hyper-parameters, per dataset × noise cell.")
+    p.add_argument("sweep", help="sweep file (see sweeps/ and docs/SWEEPS.md)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster: 'auto' or host:port (default: ray.address of the file, else a local Ray)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep: finished trials are kept, unfinished ones resume")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the cells and one trial's resolved run config; start nothing")
+    p.add_argument("--cells", default=None, metavar="PATTERN",
+                   help="only cells whose id matches this glob (comma-separated globs allowed)")
+    p.add_argument("--num-samples", type=int, default=None, metavar="N", help="trials per cell (overrides search.num_samples)")
+    p.add_argument("--storage-path", default=None, help="override ray.storage_path")
+    p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    return p.parse_args(argv)
+
+
+def select_cells(plan: SweepPlan, pattern: str | None) -> list[Cell]:
+    if not pattern:
+        return list(plan.cells)
+    globs = [g.strip() for g in pattern.split(",") if g.strip()]
+    chosen = [c for c in plan.cells if any(fnmatch.fnmatchcase(c.id, g) for g in globs)]
+    if not chosen:
+        raise ConfigError(f"--cells {pattern!r}: matches no cell; cells: {', '.join(c.id for c in plan.cells)}")
+    return chosen
+
+
+def sweep_dir_of(plan: SweepPlan, storage_path: str | None = None) -> Path:
+    return (Path(storage_path or plan.spec.ray.storage_path) / plan.spec.name).resolve()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.num_samples is not None and args.num_samples < 1:
+        print("error: --num-samples must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        plan = load_sweep(args.sweep, num_samples=args.num_samples)
+        cells = select_cells(plan, args.cells)
+        if args.dry_run:
+            dry_run(plan, cells, args)
+            return 0
+        return run_sweep(plan, cells, address=args.address, resume=args.resume,
+                         storage_path=args.storage_path, quiet=args.quiet)
+    except CalrayError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------- dry run
+
+
+def dry_run(plan: SweepPlan, cells: list[Cell], args) -> None:
+    from calray.trial import resolve_run_config
+
+    spec = plan.spec
+    sdir = sweep_dir_of(plan, args.storage_path)
+    n = plan.num_samples()
+    sched = "asha" if spec.scheduler and spec.scheduler.asha else "none"
+    print(f"sweep {spec.name}: {len(cells)} of {len(plan.cells)} cell(s) × {n} trial(s), "
+          f"algorithm {spec.search.algorithm} (seed {spec.search.seed}), {spec.search.mode} {spec.search.metric}, "
+          f"scheduler {sched}, resources {spec.resources.model_dump()}, "
+          f"max_concurrent_trials {spec.max_concurrent_trials}")
+    print(f"outputs: {sdir}")
+    print("search space: " + (", ".join(f"{k}: {d.kind} {getattr(d, d.kind)}" for k, d in spec.search.space.items())
+                              or "(empty: each trial runs the base config)"))
+    print("cells:")
+    for c in cells:
+        r = c.run
+        print(f"  {c.id:40s} dataset={r['data']['dataset']} noise={c.noise['kind']}"
+              f"/eps={c.noise.get('eps', 0):g}/{c.noise.get('mode', 'test')} "
+              f"strategy={r['method']['strategy']} epochs={r['optim']['epochs']}  (from {c.source})")
+    params = example_params(spec)
+    cfg = resolve_run_config({"run": cell_run(plan, cells[0]), **params}, source=f"cell {cells[0].id}")
+    print(f"\none trial of cell {cells[0].id} (example params {json.dumps(params)}; it writes "
+          f"{sdir / 'runs' / cells[0].id}/<trial_id>/), resolved run config:")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+
+
+# ---------------------------------------------------------------- running
+
+
+def _check_resume(plan: SweepPlan, sdir: Path, resume: bool) -> None:
+    stored = sdir / "sweep.yaml"
+    started = (sdir / "manifest").is_dir() and any((sdir / "manifest").iterdir())
+    if not resume:
+        if started:
+            raise ConfigError(f"{plan.path}: name: sweep {plan.spec.name!r} already has results in {sdir}; "
+                              f"pass --resume to continue it, or change name / ray.storage_path")
+        return
+    if not stored.is_file():
+        return  # nothing to compare against: a resume of a sweep that never started is a start
+    old = yaml.safe_load(stored.read_text()) or {}
+    new = stored_spec(plan)
+    for key in RESUME_KEYS:
+        if _dig(old, key) != _dig(new, key):
+            raise ConfigError(f"{plan.path}: {key}: differs from the sweep being resumed ({stored}); "
+                              f"a resumed sweep must keep its cells, space, scheduler and resources — "
+                              f"start a new sweep (another name) instead")
+
+
+def _dig(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _init_ray(address: str | None, plan: SweepPlan) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials keep the driver's CWD (relative paths)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if ray.is_initialized():
+        return
+    repo = str(Path(__file__).resolve().parent.parent)
+    pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+    if address:
+        # a running cluster: its workers do not inherit this shell's environment
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_CHDIR_TO_TRIAL_DIR": "0"}})
+        except ConnectionError as e:
+            hint = ("" if os.environ.get("RAY_AUTH_MODE") else
+                    "; clusters started by `ray start` use token auth: set RAY_AUTH_MODE=token (the token is "
+                    "~/.ray/auth_token on the head node) or run with --address auto on the head node")
+            raise CalrayError(f"--address {address}: cannot connect to the Ray cluster ({e}){hint}") from None
+    else:
+        os.environ["PYTHONPATH"] = pythonpath  # inherited by the local Ray's workers
+        kw = {}
+        if plan.spec.ray.num_cpus is not None:
+            kw["num_cpus"] = plan.spec.ray.num_cpus
+        if plan.spec.ray.num_gpus is not None:
+            kw["num_gpus"] = plan.spec.ray.num_gpus
+        # keep the dashboard (state API) on: with ASHA + multi-worker trials its absence left a
+        # stopped trial's placement group behind and the next trial hung (ray_facts §3.5)
+        # address="local": a new Ray instance even when a `ray start` cluster runs on this machine
+        # (a bare ray.init() would join that one); --address auto joins it on purpose
+        ray.init(address="local", log_to_driver=False, logging_level=logging.WARNING, **kw)
+
+
+def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, resume: bool = False,
+              storage_path: str | None = None, quiet: bool = False) -> int:
+    """Run (or resume) the sweep's cells one after another; write outputs after each cell."""
+    spec = plan.spec
+    sdir = sweep_dir_of(plan, storage_path)
+    _check_resume(plan, sdir, resume)
+    sdir.mkdir(parents=True, exist_ok=True)
+    (sdir / "sweep.yaml").write_text(yaml.safe_dump(stored_spec(plan), sort_keys=False))
+    address = address or spec.ray.address
+    _init_ray(address, plan)
+    from calray import sweep_callbacks
+
+    sweep_callbacks.PROGRESS.update(n_cells=len(cells), cells_done=0, quiet=quiet)
+    print(f"sweep {spec.name}: {len(cells)} cell(s) × {plan.num_samples()} trial(s) → {sdir}", flush=True)
+    t0 = time.time()
+    try:
+        for i, cell in enumerate(cells, 1):
+            sweep_callbacks.PROGRESS["cell_index"] = i
+            try:
+                run_cell(plan, cell, sdir)
+            finally:
+                records = write_outputs(plan, sdir)
+            rec = next(r for r in records if r["cell"] == cell.id)
+            sweep_callbacks.PROGRESS["cells_done"] = i
+            best = (f"best {rec['metric']} {rec['best_value']:.4f} (trial {rec['best_trial']}, "
+                    f"test_acc {rec['best_test_acc']:.4f})" if rec["best_trial"] else "no finished trial")
+            print(f"cells done {i}/{len(cells)}: {cell.id} {rec['status']} — {rec['n_trials']} trials, "
+                  f"{rec['n_failed']} failed, {rec['n_pruned']} pruned; {best}", flush=True)
+    except KeyboardInterrupt:
+        write_outputs(plan, sdir)
+        raise Interrupted(f"outputs so far are in {sdir}; continue with "
+                          f"`python -m calray.sweep {plan.path} --resume`") from None
+    print(f"sweep {spec.name} finished in {time.time() - t0:.0f}s: {sdir}/cells.json, trials.parquet, best/", flush=True)
+    status = finish_hooks(plan, sdir, address)
+    print(f"optuna-dashboard {sdir / 'optuna.journal'}   # browse the studies", flush=True)
+    return status
+
+
+def finish_hooks(plan: SweepPlan, sdir: Path, address: str | None) -> int:
+    """The robustness grid (when the sweep file has one) and the report. Their failures are
+    logged and never touch the sweep's outputs."""
+    status = 0
+    if plan.spec.robustness:
+        try:
+            from calray.robustness import run_grid
+        except (ImportError, AttributeError) as e:
+            print(f"robustness grid skipped: calray.robustness.run_grid unavailable ({e})", flush=True)
+        else:
+            try:
+                run_grid(sdir, plan.spec.robustness, address)
+            except Exception as e:  # noqa: BLE001 - the sweep's outputs are already written
+                log.exception("robustness grid failed")
+                print(f"robustness grid failed: {type(e).__name__}: {e} (sweep outputs kept)", file=sys.stderr)
+                status = 1
+    try:
+        from calray.report import write_report
+    except (ImportError, AttributeError) as e:
+        print(f"report skipped: calray.report.write_report unavailable ({e})", flush=True)
+    else:
+        try:
+            write_report(sdir)
+        except Exception as e:  # noqa: BLE001
+            log.exception("report failed")
+            print(f"report failed: {type(e).__name__}: {e} (sweep outputs kept)", file=sys.stderr)
+            status = 1
+    return status
+
+
+# ---------------------------------------------------------------- one cell
+
+
+def journal_storage(sdir: Path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(sdir / "optuna.journal")))
+
+
+def _sampler(plan: SweepPlan, seed_offset: int):
+    import optuna
+
+    s = plan.spec.search
+    seed = s.seed + seed_offset
+    if s.algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.algorithm == "grid":
+        return optuna.samplers.GridSampler({k: d.grid_values() for k, d in s.space.items()}, seed=seed)
+    kw = {"n_startup_trials": s.n_startup_trials} if s.n_startup_trials else {}
+    return optuna.samplers.TPESampler(seed=seed, **kw)
+
+
+def _domain(dist):
+    from ray import tune
+
+    if dist.choice is not None:
+        return tune.choice(list(dist.choice))
+    if dist.int is not None:
+        lo, hi = dist.int
+        return tune.lograndint(lo, hi + 1) if dist.log else tune.randint(lo, hi + 1)
+    if dist.loguniform is not None:
+        return tune.loguniform(*dist.loguniform)
+    return tune.uniform(*dist.uniform)
+
+
+def _trainable(plan: SweepPlan):
+    from ray import tune
+
+    from calray.trial import run_trial
+
+    r = plan.spec.resources
+    if r.workers > 1:  # the trial drives a TorchTrainer whose workers reserve their own resources
+        return tune.with_resources(run_trial, {"cpu": r.driver_cpus})
+    return tune.with_resources(run_trial, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
+
+
+def cell_run(plan: SweepPlan, cell: Cell) -> dict:
+    """The cell's run config with the sweep's resources written into `distributed`."""
+    r = plan.spec.resources
+    run = json.loads(json.dumps(cell.run))
+    run["distributed"].update(workers=r.workers, gpu=r.gpus_per_worker > 0, cpus_per_worker=r.cpus_per_worker)
+    if r.gpus_per_worker == 0 and run["runtime"].get("device") == "auto":
+        run["runtime"]["device"] = "cpu"
+    return run
+
+
+def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_offset: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from calray.sweep_callbacks import CalOptunaSearch, SweepCallback, trial_dirname
+    from calray.trial import TIME_ATTR
+
+    spec = plan.spec
+    s = spec.search
+    param_space = {"run": cell_run(plan, cell), "runs_root": str(sdir / "runs" / cell.id),
+                   "cell": cell.id, "sweep": spec.name}
+    param_space.update({k: _domain(d) for k, d in s.space.items()})
+    searcher = None
+    if s.space:
+        searcher = CalOptunaSearch(sampler=_sampler(plan, seed_offset), storage=journal_storage(sdir),
+                                   study_name=cell.id)
+    scheduler = None
+    if spec.scheduler and spec.scheduler.asha:
+        a = spec.scheduler.asha
+        epochs = int(cell.run["optim"]["epochs"])
+        scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=a.max_t or epochs, grace_period=a.grace_period,
+                                  reduction_factor=a.reduction_factor, stop_last_trials=False)
+    tune_config = tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
+                                  num_samples=num_samples, max_concurrent_trials=spec.max_concurrent_trials,
+                                  reuse_actors=_reuse_actors(plan), trial_dirname_creator=trial_dirname)
+    callback = SweepCallback(manifest_path(sdir, cell.id), cell.id, plan.num_samples(), s.metric, s.mode)
+    run_config = tune.RunConfig(name=cell.id, storage_path=str(sdir / "ray"), verbose=0, callbacks=[callback],
+                                failure_config=tune.FailureConfig(max_failures=spec.max_failures, fail_fast=False))
+    return tune.Tuner(_trainable(plan), param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _reuse_actors(plan: SweepPlan) -> bool:
+    """Trials share processes only when they run in-process: a stopped multi-worker trial's thread
+    sits in TorchTrainer.fit and cannot end within Tune's reset timeout, and a failed reuse made
+    Tune end the experiment with the next trial never run ("Trials did not complete")."""
+    return plan.spec.ray.reuse_actors and plan.spec.resources.workers == 1
+
+
+def _retire_experiment(sdir: Path, cell: Cell, manifest: Manifest) -> None:
+    """Before a fresh Tuner replaces an unrestorable one: move Ray's dir aside, close the trials
+    it left unfinished in the manifest and in the Optuna study (they would count as running)."""
+    exp = sdir / "ray" / cell.id
+    if exp.exists():
+        k = 1
+        while (exp.parent / f"{cell.id}.old{k}").exists():
+            k += 1
+        shutil.move(str(exp), str(exp.parent / f"{cell.id}.old{k}"))
+    for tid, t in manifest.trials().items():
+        if t["status"] not in FINISHED and t["status"] != "ABANDONED":
+            manifest.append({"ev": "end", "trial_id": tid, "status": "ABANDONED", "error": None})
+    if not (sdir / "optuna.journal").is_file():
+        return
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = journal_storage(sdir)
+    try:
+        study = optuna.load_study(study_name=cell.id, storage=storage)
+    except KeyError:
+        return
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def run_cell(plan: SweepPlan, cell: Cell, sdir: Path) -> None:
+    """Run a cell's trials until `num_samples` have finished; restore Ray's experiment if it can.
+
+    Raises KeyboardInterrupt when Tune stopped early on a Ctrl-C (Tune catches the signal itself,
+    saves its state and returns).
+    """
+    from ray import tune
+
+    n = plan.num_samples()
+    manifest = Manifest(manifest_path(sdir, cell.id))
+    exp = sdir / "ray" / cell.id
+    finished = len(manifest.finished())
+    if finished >= n:
+        print(f"[cell {cell.id}] {finished}/{n} trials already finished — skipped", flush=True)
+        return
+    if exp.exists() and tune.Tuner.can_restore(str(exp)):
+        try:
+            tuner = tune.Tuner.restore(str(exp), trainable=_trainable(plan), resume_unfinished=True,
+                                       resume_errored=True)
+        except Exception as e:  # noqa: BLE001 - e.g. a truncated tuner.pkl (ray#58179)
+            print(f"[cell {cell.id}] cannot restore {exp} ({type(e).__name__}: {e}); a new Tuner runs "
+                  f"the remaining trials", flush=True)
+        else:
+            print(f"[cell {cell.id}] resuming Ray experiment ({finished}/{n} trials finished)", flush=True)
+            if _fit(tuner, manifest):
+                raise KeyboardInterrupt
+    finished = len(manifest.finished())
+    if finished >= n:
+        return
+    if exp.exists() or manifest.events():  # unrestorable, or num_samples grew: run the rest anew
+        _retire_experiment(sdir, cell, manifest)
+    tuner = _new_tuner(plan, cell, sdir, num_samples=n - finished, seed_offset=finished)
+    if _fit(tuner, manifest) or len(manifest.finished()) < n:
+        raise KeyboardInterrupt
+
+
+def _fit(tuner, manifest: Manifest) -> bool:
+    """Tuner.fit; True when Tune stopped on a Ctrl-C before its trials finished."""
+    grid = tuner.fit()
+    analysis = getattr(grid, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None) or []
+    if any(getattr(t, "status", "TERMINATED") not in ("TERMINATED", "ERROR") for t in trials):
+        return True
+    return any(t["status"] == "RUNNING" for t in manifest.trials().values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

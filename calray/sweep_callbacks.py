@@ -1,0 +1,190 @@
+"""Ray-side pieces of the sweep: the manifest/progress Tune callback and the Optuna searcher.
+
+Imported only when a sweep really runs (it imports Ray). Both classes are pickled into Ray's
+experiment state, so they hold plain data only and rebuild their counters in `setup`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
+
+from calray.sweep_results import Manifest, clean_metrics
+from calray.trial import FINAL_KEY, sampled_params
+
+log = logging.getLogger("calray.sweep")
+
+# what the driver shows: set by calray.sweep before each Tuner.fit (a restored Tuner brings its
+# pickled callback back, so display context lives here, not in the callback)
+PROGRESS = {"cell_index": 0, "n_cells": 0, "cells_done": 0, "quiet": False, "interval_s": 30.0}
+
+
+def _err_line(text: str | None) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    if not lines:
+        return "unknown error"
+    # the last line of a traceback is "Type: message"; prefer our own one-line record
+    return lines[-1][:500]
+
+
+class CalOptunaSearch(OptunaSearch):  # noqa: D101
+    """OptunaSearch that tells Optuna PRUNED (not COMPLETE) for trials a scheduler stopped.
+
+    A finished calray trial sends a final report with `final == 1`; a trial that ends without it
+    and without an error was stopped early (ASHA). Ray's OptunaSearch would record such a trial as
+    COMPLETE with its last intermediate value, which misleads TPE and optuna-dashboard.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        import warnings
+
+        with warnings.catch_warnings():  # a resumed trial re-reports steps Optuna already has
+            warnings.filterwarnings("ignore", message=".*is already reported.*")
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if (not error and result is not None and result.get(FINAL_KEY) != 1
+                and trial_id in getattr(self, "_ot_trials", {}) and trial_id not in self._completed_trials):
+            from optuna.trial import TrialState
+
+            ot_trial = self._ot_trials[trial_id]
+            try:
+                # the result that made the scheduler stop the trial never reached on_trial_result
+                value = result.get(self.metric)
+                step = result.get("training_iteration")
+                if isinstance(value, (int, float)) and math.isfinite(value) and step is not None:
+                    ot_trial.report(value, step)
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            except Exception as e:  # e.g. the trial was already told
+                log.warning("optuna: could not mark trial %s pruned: %s", trial_id, e)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class SweepCallback(Callback):
+    """Appends every trial event to the cell's manifest and prints progress a person can follow."""
+
+    def __init__(self, manifest_path: str, cell_id: str, num_samples: int, metric: str, mode: str):
+        self.manifest_path = str(manifest_path)
+        self.cell_id = cell_id
+        self.num_samples = num_samples
+        self.metric = metric
+        self.mode = mode
+        self._reset()
+
+    def _reset(self):
+        self._running: set[str] = set()
+        self._finished = 0
+        self._failed = 0
+        self._pruned = 0
+        self._best: tuple[float, str] | None = None
+        self._last_print = 0.0
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest(Path(self.manifest_path))
+
+    # ------------------------------------------------------------------ Tune hooks
+
+    def setup(self, **info):
+        self._reset()
+        for t in self.manifest.finished().values():
+            self._count_end(t["trial_id"], t["status"], t.get("final"))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._running.add(trial.trial_id)
+        self.manifest.append({"ev": "start", "trial_id": trial.trial_id, "params": sampled_params(trial.config)})
+        self._print(f"trial {trial.trial_id} started {_fmt_params(sampled_params(trial.config))}", force=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.manifest.append({"ev": "result", "trial_id": trial.trial_id, "metrics": clean_metrics(result)})
+        self._print(None)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        status = "TERMINATED" if last.get(FINAL_KEY) == 1 else "PRUNED"
+        self.manifest.append({"ev": "end", "trial_id": trial.trial_id, "status": status, "error": None})
+        self._count_end(trial.trial_id, status, last)
+        extra = ""
+        if status == "TERMINATED":
+            extra = f" {self.metric}={_num(last.get(self.metric))} test_acc={_num(last.get('test_acc'))}"
+        else:
+            extra = f" at epoch {last.get('epochs_done', '?')} ({self.metric}={_num(last.get(self.metric))})"
+        self._print(f"trial {trial.trial_id} {status}{extra}", force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        msg = self._error_message(trial)
+        self.manifest.append({"ev": "end", "trial_id": trial.trial_id, "status": "ERROR", "error": msg})
+        self._count_end(trial.trial_id, "ERROR", None)
+        self._print(f"trial {trial.trial_id} ERROR: {msg}", force=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._print(f"trial {trial.trial_id} failed, retrying: {self._error_message(trial)}", force=True)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _error_message(self, trial) -> str:
+        cfg = trial.config or {}
+        run_dir = cfg.get("run_dir") or (Path(cfg["runs_root"]) / trial.trial_id if cfg.get("runs_root") else None)
+        if run_dir is not None:
+            p = Path(run_dir) / "error.txt"
+            if p.is_file():
+                return _err_line(p.read_text())
+        try:
+            path = getattr(trial, "error_file", None) or getattr(trial, "pickled_error_file", None)
+            if path and Path(path).is_file():
+                return _err_line(Path(path).read_text(errors="replace"))
+        except OSError:
+            pass
+        return "unknown error (see the trial's error file under ray/)"
+
+    def _count_end(self, trial_id: str, status: str, final: dict | None):
+        self._running.discard(trial_id)
+        self._finished += 1
+        self._failed += status == "ERROR"
+        self._pruned += status == "PRUNED"
+        if status == "TERMINATED" and final:
+            v = final.get(self.metric)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                better = self._best is None or (v > self._best[0] if self.mode == "max" else v < self._best[0])
+                if better:
+                    self._best = (v, trial_id)
+
+    def _print(self, event: str | None, force: bool = False):
+        if PROGRESS.get("quiet"):
+            return
+        now = time.time()
+        if not force and now - self._last_print < PROGRESS.get("interval_s", 30.0):
+            return
+        self._last_print = now
+        best = f"best {self.metric} {self._best[0]:.4f} ({self._best[1]})" if self._best else "best -"
+        head = (f"[cell {PROGRESS.get('cell_index', 0)}/{PROGRESS.get('n_cells', 0)} {self.cell_id}] "
+                f"trials {self._finished}/{self.num_samples} finished, {len(self._running)} running, "
+                f"{self._failed} failed, {self._pruned} pruned | {best}")
+        print(head + (f" | {event}" if event else ""), flush=True)
+
+
+def _num(v) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
+
+
+def _fmt_params(params: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def trial_dirname(trial) -> str:
+    """Short Ray trial directory names (the default repeats every parameter)."""
+    return trial.trial_id

@@ -1,0 +1,457 @@
+"""The sweep file: pydantic schema, cell expansion and per-cell run configs.
+
+A sweep file names a base run config (`base:` path relative to the sweep file, or an inline
+`run:`), the cells the search is repeated over (datasets × noise settings × optional variants),
+the search space over dotted run-config keys, the scheduler, per-trial resources and where Ray
+runs and stores. Every problem raises one `ConfigError` naming the file and the key path
+(`sweeps/x.yaml: search.space.method.T.loguniform: ...`). See docs/SWEEPS.md.
+
+This module imports neither Ray nor Optuna (`--dry-run` must not need them).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import itertools
+import math
+import random
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from calray.config import (NoiseConfig, RunConfig, apply_overrides, read_yaml, validation_error_message)
+from calray.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- search space
+
+
+class Distribution(_Strict):
+    """Exactly one of: loguniform [lo, hi], uniform [lo, hi], int [lo, hi] (inclusive), choice [...]."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    int: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+    log: bool = False  # int only: sample on a log scale
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform, uniform, int, choice "
+                             f"(got {', '.join(given) or 'none'})")
+        kind = given[0]
+        if kind == "choice":
+            if not self.choice:
+                raise ValueError("choice: needs at least one value")
+            return self
+        lo, hi = getattr(self, kind)
+        if not lo < hi and not (kind == "int" and lo == hi):
+            raise ValueError(f"{kind}: lower bound {lo} must be below upper bound {hi}")
+        if (kind == "loguniform" or (kind == "int" and self.log)) and lo <= 0:
+            raise ValueError(f"{kind}: a log scale needs a lower bound > 0 (got {lo})")
+        if self.log and kind != "int":
+            raise ValueError("log: only for int ranges (use loguniform for floats)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None)
+
+    def grid_values(self) -> list[Any] | None:
+        """The values of a discrete dimension (choice, int range), or None for continuous ones."""
+        if self.choice is not None:
+            return list(self.choice)
+        if self.int is not None:
+            return list(range(self.int[0], self.int[1] + 1))
+        return None
+
+    def sample(self, rng: random.Random) -> Any:
+        """A value drawn without Ray/Optuna (used by --dry-run to show one trial's config)."""
+        if self.choice is not None:
+            return rng.choice(self.choice)
+        if self.int is not None:
+            lo, hi = self.int
+            if self.log:
+                return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+            return rng.randint(lo, hi)
+        if self.loguniform is not None:
+            lo, hi = self.loguniform
+            return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        lo, hi = self.uniform
+        return rng.uniform(lo, hi)
+
+    def check_values(self) -> list[Any]:
+        """Values checked against the run-config schema: every choice, or both range ends."""
+        if self.choice is not None:
+            return list(self.choice)
+        return list(getattr(self, self.kind))
+
+
+ALIASES = {"method.lambda_": "method.lambda"}  # dotted keys written the Python way
+
+
+class SearchSpec(_Strict):
+    algorithm: Literal["optuna", "random", "grid"] = "optuna"  # optuna = seeded TPE
+    num_samples: int = Field(10, ge=1)  # trials per cell (grid: default = grid size)
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    seed: int = 0  # sampler seed (the same for every cell: cells see paired proposals)
+    n_startup_trials: int | None = Field(None, ge=1)  # TPE: random trials before modelling
+    space: dict[str, Distribution] = Field(default_factory=dict)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _aliases(cls, v):
+        if isinstance(v, dict):
+            return {ALIASES.get(k, k): d for k, d in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _grid_is_discrete(self):
+        if self.algorithm == "grid":
+            for key, dist in self.space.items():
+                if dist.grid_values() is None:
+                    raise ValueError(f"algorithm grid needs choice or int dimensions; {key} is {dist.kind}")
+        return self
+
+    def grid_size(self) -> int:
+        return math.prod(len(d.grid_values()) for d in self.space.values()) if self.space else 1
+
+
+class ASHASpec(_Strict):
+    grace_period: int = Field(1, ge=1)  # epochs before a trial can be stopped
+    reduction_factor: float = Field(3.0, gt=1.0)
+    max_t: int | None = Field(None, ge=1)  # default: the cell's optim.epochs
+
+
+class SchedulerSpec(_Strict):
+    asha: ASHASpec | None = None
+
+
+class ResourcesSpec(_Strict):
+    workers: int = Field(1, ge=1)  # >1: a Ray Train TorchTrainer (DDP) inside each trial
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    driver_cpus: float = Field(0.5, gt=0.0)  # workers > 1: CPUs of the Tune trial that drives Train
+
+    @model_validator(mode="after")
+    def _whole_gpus_for_ddp(self):
+        if self.workers > 1 and self.gpus_per_worker and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError("gpus_per_worker must be a whole number when workers > 1 "
+                             "(NCCL rejects two ranks on one GPU)")
+        return self
+
+
+class RaySpec(_Strict):
+    address: str | None = None  # None: start a local Ray; "auto" or host:port: join a cluster
+    storage_path: str = "runs/sweeps"  # outputs go to <storage_path>/<name>/ (relative: to the CWD)
+    num_cpus: int | None = Field(None, ge=1)  # local Ray only: logical CPUs (may overcommit)
+    num_gpus: int | None = Field(None, ge=0)
+    reuse_actors: bool = True  # trials share worker processes: no re-import of torch, datasets cached
+
+
+class DatasetCell(_Strict):
+    name: str  # the cell id part, and data.dataset unless `set`/`base` says otherwise
+    base: str | None = None  # a run config for this dataset (relative to the sweep file)
+    run: dict[str, Any] | None = None  # or an inline run config
+    set: dict[str, Any] = Field(default_factory=dict)  # dotted overrides
+    noise: list["NoiseCell"] | None = None  # this dataset's noise cells (default: cells.noise)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.base is not None and self.run is not None:
+            raise ValueError("give base or run, not both")
+        return self
+
+
+class NoiseCell(BaseModel):  # noqa: D101 (defined after DatasetCell, which refers to it)
+    """kind + eps (number or list) + mode (string or list); other NoiseConfig keys are fixed."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["none", "gaussian", "salt_pepper"] = "none"
+    eps: float | list[float] = 0.0
+    mode: Literal["test", "train+test"] | list[Literal["test", "train+test"]] = "test"
+
+
+class VariantCell(_Strict):
+    name: str
+    set: dict[str, Any] = Field(default_factory=dict)
+
+
+class CellsSpec(_Strict):
+    dataset: list[str | DatasetCell] | None = None  # None: the base config's dataset
+    noise: list[NoiseCell] = Field(default_factory=lambda: [NoiseCell()])
+    variants: list[VariantCell] | None = None  # e.g. strategies or ablation modes, one cell each
+
+
+DatasetCell.model_rebuild()
+
+
+class SweepSpec(_Strict):
+    name: str
+    description: str | None = None
+    base: str | None = None  # run config path, relative to the sweep file
+    run: dict[str, Any] | None = None  # or an inline run config
+    set: dict[str, Any] = Field(default_factory=dict)  # dotted overrides applied to every cell
+    cells: CellsSpec = Field(default_factory=CellsSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    scheduler: SchedulerSpec | None = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_failures: int = Field(0, ge=0)  # retries of a failed trial (a NaN run fails again: keep 0)
+    ray: RaySpec = Field(default_factory=RaySpec)
+    robustness: dict[str, Any] | None = None  # passed to calray.robustness.run_grid
+
+    @field_validator("name")
+    @classmethod
+    def _slug_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("name must be a filesystem-safe slug (letters, digits, _ . -)")
+        return v
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _none_scheduler(cls, v):
+        return None if v in ("none", "null", "fifo") else v
+
+
+# ---------------------------------------------------------------- cells
+
+
+class Cell(BaseModel):
+    """One cell: a dataset × a noise setting (× a variant), with its complete run-config dict."""
+
+    id: str
+    dataset: str
+    noise: dict[str, Any]
+    variant: str | None = None
+    run: dict[str, Any]  # complete, validated, paths absolute
+    source: str  # where the run config came from (for messages)
+
+    def summary(self) -> dict[str, Any]:
+        n = {"kind": self.noise.get("kind", "none"), "eps": self.noise.get("eps", 0.0),
+             "mode": self.noise.get("mode", "test")}
+        out = {"cell": self.id, "dataset": self.dataset, "noise": n}
+        if self.variant is not None:
+            out["variant"] = self.variant
+        return out
+
+
+def slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "_", str(text)).strip("_").lower()
+    return s or "x"
+
+
+def _num_slug(x: float) -> str:
+    return (f"{x:g}").replace(".", "p").replace("-", "m")
+
+
+def noise_slug(noise: dict) -> str:
+    kind = noise.get("kind", "none")
+    if kind == "none":
+        return "none"
+    mode = noise.get("mode", "test")
+    return f"{kind}_eps{_num_slug(float(noise.get('eps', 0.0)))}_{slug(mode)}"
+
+
+def expand_noise(cell: NoiseCell) -> list[dict]:
+    """A noise cell with eps/mode lists → one noise dict per (eps, mode)."""
+    extra = dict(cell.model_extra or {})
+    if cell.kind == "none":
+        return [{"kind": "none", "eps": 0.0, "mode": "test", **extra}]
+    eps_list = cell.eps if isinstance(cell.eps, list) else [cell.eps]
+    mode_list = cell.mode if isinstance(cell.mode, list) else [cell.mode]
+    return [{"kind": cell.kind, "eps": float(e), "mode": m, **extra} for e, m in itertools.product(eps_list, mode_list)]
+
+
+PATH_KEYS = ("data.root", "data.cache_dir")
+
+
+def absolutize_paths(tree: dict, relative_to: Path) -> dict:
+    """Make the run config's file paths absolute so Ray workers (other CWDs) find them."""
+    tree = copy.deepcopy(tree)
+
+    def fix(node: dict, key: str):
+        v = node.get(key)
+        if isinstance(v, str) and v and not Path(v).expanduser().is_absolute():
+            node[key] = str((relative_to / v).resolve())
+
+    data = tree.get("data") or {}
+    for key in ("root", "cache_dir"):
+        fix(data, key)
+    params = data.get("params") or {}
+    for key, v in list(params.items()):  # dataset-specific paths (e.g. a tokenizer directory)
+        if isinstance(v, str) and v and not Path(v).is_absolute() and (relative_to / v).exists():
+            params[key] = str((relative_to / v).resolve())
+    for enc in ((tree.get("model") or {}).get("encoders") or {}).values():
+        if isinstance(enc, dict):
+            for key in ("weights", "pretrained_path"):
+                fix(enc, key)
+    return tree
+
+
+class SweepPlan(BaseModel):
+    """A validated sweep: the spec, the file it came from and its expanded cells."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    spec: SweepSpec
+    path: Path
+    cells: list[Cell]
+
+    def num_samples(self) -> int:
+        s = self.spec.search
+        if s.algorithm == "grid" and "num_samples" not in s.model_fields_set:
+            return s.grid_size()
+        return s.num_samples
+
+
+def _base_tree(spec: SweepSpec, sweep_path: Path) -> tuple[dict | None, str]:
+    if spec.base is not None and spec.run is not None:
+        raise ConfigError(f"{sweep_path}: base: give base or run, not both")
+    if spec.run is not None:
+        return copy.deepcopy(spec.run), f"{sweep_path} (run:)"
+    if spec.base is not None:
+        path = (sweep_path.parent / spec.base)
+        if not path.is_file():
+            raise ConfigError(f"{sweep_path}: base: run config {spec.base!r} not found (looked at {path})")
+        return read_yaml(path), os.path.normpath(path)
+    return None, str(sweep_path)
+
+
+def _validate_run(tree: dict, source: str, context: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(validation_error_message(e, f"{source} [{context}]")) from None
+
+
+def _apply(tree: dict, overrides: dict, source: str, key_path: str) -> dict:
+    try:
+        return apply_overrides(tree, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {key_path}: {e}") from None
+
+
+def build_cells(spec: SweepSpec, sweep_path: Path, cwd: Path | None = None) -> list[Cell]:
+    cwd = cwd or Path.cwd()
+    src = str(sweep_path)
+    base, base_source = _base_tree(spec, sweep_path)
+    datasets = spec.cells.dataset
+    if datasets is None:
+        if base is None:
+            raise ConfigError(f"{src}: base: give a base run config (base: or run:) or cells.dataset entries with base")
+        datasets = [DatasetCell(name=str(base.get("data", {}).get("dataset", "synthetic")))]
+    def expand(noise_cells: list[NoiseCell], where: str) -> list[dict]:
+        out = []
+        for i, n in enumerate(noise_cells):
+            for d in expand_noise(n):
+                try:
+                    NoiseConfig.model_validate(d)
+                except ValidationError as e:
+                    raise ConfigError(validation_error_message(e, src, prefix=f"{where}.{i}")) from None
+                out.append(d)
+        return out
+
+    default_noises = expand(spec.cells.noise, "cells.noise")
+    variants = spec.cells.variants or [None]
+    cells: list[Cell] = []
+    seen: dict[str, str] = {}
+    for di, ds in enumerate(datasets):
+        if isinstance(ds, str):
+            ds = DatasetCell(name=ds, set={"data.dataset": ds})
+        if ds.run is not None:
+            tree, source = copy.deepcopy(ds.run), f"{src} (cells.dataset.{di}.run)"
+        elif ds.base is not None:
+            path = sweep_path.parent / ds.base
+            if not path.is_file():
+                raise ConfigError(f"{src}: cells.dataset.{di}.base: run config {ds.base!r} not found (looked at {path})")
+            tree, source = read_yaml(path), os.path.normpath(path)
+        elif base is not None:
+            tree, source = copy.deepcopy(base), base_source
+        else:
+            raise ConfigError(f"{src}: cells.dataset.{di}: needs base/run (the sweep has no base)")
+        tree = _apply(tree, spec.set, src, "set")
+        tree = _apply(tree, ds.set, src, f"cells.dataset.{di}.set")
+        noises = default_noises if ds.noise is None else expand(ds.noise, f"cells.dataset.{di}.noise")
+        for noise in noises:
+            for vi, var in enumerate(variants):
+                t = copy.deepcopy(tree)
+                t["noise"] = {**(t.get("noise") or {}), **noise}
+                if var is not None:
+                    t = _apply(t, var.set, src, f"cells.variants.{vi}.set")
+                t = absolutize_paths(t, cwd)
+                parts = [slug(ds.name), noise_slug(noise)] + ([slug(var.name)] if var is not None else [])
+                cid = "__".join(parts)
+                if cid in seen:
+                    raise ConfigError(f"{src}: cells: two cells have the id {cid!r}; give them distinct names")
+                seen[cid] = cid
+                _validate_run(t, source, f"cell {cid}")
+                cells.append(Cell(id=cid, dataset=ds.name, noise=noise, variant=None if var is None else var.name,
+                                  run=RunConfig.model_validate(t).to_dict(), source=source))
+    _check_space(spec, cells[0], src)
+    return cells
+
+
+def _check_space(spec: SweepSpec, cell: Cell, src: str) -> None:
+    """Every searched key must be a run-config key taking that kind of value."""
+    for key, dist in spec.search.space.items():
+        for value in dist.check_values():
+            try:
+                tree = apply_overrides(cell.run, {key: value})
+                RunConfig.model_validate(tree)
+            except ConfigError as e:
+                raise ConfigError(f"{src}: search.space.{key}: {e}") from None
+            except ValidationError as e:
+                first = e.errors()[0]
+                msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+                raise ConfigError(f"{src}: search.space.{key}: {msg} (value {value!r})") from None
+
+
+def load_sweep(path: str | Path, num_samples: int | None = None, cwd: Path | None = None) -> SweepPlan:
+    """Read and validate a sweep file; expand its cells. Raises one ConfigError per problem."""
+    path = Path(path)
+    tree = read_yaml(path)
+    if num_samples is not None:
+        tree.setdefault("search", {})
+        if isinstance(tree["search"], dict):
+            tree["search"]["num_samples"] = num_samples
+    try:
+        spec = SweepSpec.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(validation_error_message(e, str(path))) from None
+    if spec.robustness is not None:  # fail now, not after every trial has run
+        from calray.robustness import parse_grid
+
+        parse_grid(spec.robustness, source=str(path), prefix="robustness")
+    cells = build_cells(spec, path, cwd)
+    return SweepPlan(spec=spec, path=path, cells=cells)
+
+
+def trial_config(cell: Cell, params: dict[str, Any]) -> dict[str, Any]:
+    """The `run_trial` config of a trial of `cell` with sampled `params` (dotted keys)."""
+    return {"run": cell.run, **params}
+
+
+def example_params(spec: SweepSpec, seed: int | None = None) -> dict[str, Any]:
+    rng = random.Random(spec.search.seed if seed is None else seed)
+    return {k: d.sample(rng) for k, d in spec.search.space.items()}
+
+
+def stored_spec(plan: SweepPlan) -> dict:
+    """The validated sweep as written to <sweep dir>/sweep.yaml (base path made absolute)."""
+    d = plan.spec.model_dump(mode="json", exclude_none=True)
+    if plan.spec.base is not None:
+        d["base"] = str((plan.path.parent / plan.spec.base).resolve())
+    for ds in d.get("cells", {}).get("dataset") or []:
+        if isinstance(ds, dict) and ds.get("base"):
+            ds["base"] = str((plan.path.parent / ds["base"]).resolve())
+    return d

@@ -1,0 +1,117 @@
+"""The robustness grid on a tiny checkpoint: one row per (kind, ε, mode, seed), clean rows equal the
+checkpoint's plain test accuracy, clear errors; one small train+test run through Ray Tune."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from calray.config import config_from_dict
+from calray.errors import CalrayError, ConfigError
+from calray.robustness import main, parse_grid, run_grid
+from calray.trainer import train
+from tests.conftest import tiny_run_dict
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rob")
+    cfg = config_from_dict(tiny_run_dict(tmp), "tiny")
+    train(cfg)
+    return cfg.run_dir()
+
+
+def _plain_test_acc(run_dir) -> float:
+    return json.loads((run_dir / "summary.json").read_text())["test_acc"]
+
+
+def test_test_grid_one_row_per_setting_and_clean_equals_plain_accuracy(run_dir):
+    grid = {"kinds": ["gaussian", "salt_pepper"], "eps": [0, 2.5, 10], "modes": ["test"], "noise_seeds": 2}
+    df = run_grid(run_dir, grid)
+    assert len(df) == 2 * 3 * 2
+    assert not df.duplicated(subset=["kind", "eps", "mode", "seed"]).any()
+    assert set(df["seed"]) == {0, 1} and set(df["mode"]) == {"test"} and (df["status"] == "ok").all()
+    assert {"dataset", "strategy", "cell", "kind", "eps", "mode", "seed", "acc", "macro_f1"} <= set(df.columns)
+    assert (df["dataset"] == "synthetic").all() and (df["strategy"] == "cal").all()
+    clean = df[df["eps"] == 0]
+    assert len(clean) == 4 and (clean["acc"] == _plain_test_acc(run_dir)).all()
+    noisy = df[(df["eps"] == 10) & (df["kind"] == "salt_pepper")]
+    assert noisy["noise_seed"].tolist() == [0, 1]
+    # files: raw rows (CSV + parquet) and the aggregate
+    assert pd.read_parquet(run_dir / "robustness.parquet").shape[0] == len(df)
+    assert pd.read_csv(run_dir / "robustness.csv").shape[0] == len(df)
+    summary = pd.read_csv(run_dir / "robustness_summary.csv")
+    assert len(summary) == 2 * 3 and (summary["n"] == 2).all()
+    g = summary[(summary["kind"] == "gaussian") & (summary["eps"] == 2.5)].iloc[0]
+    vals = df[(df["kind"] == "gaussian") & (df["eps"] == 2.5)]["acc"]
+    assert g["acc_mean"] == pytest.approx(vals.mean()) and g["acc_std"] == pytest.approx(vals.std(ddof=1))
+
+
+def test_checkpoint_path_and_cli(run_dir, capsys):
+    rc = main([str(run_dir / "checkpoints" / "best.pt"), "--kinds", "gaussian", "--eps", "0", "5",
+               "--noise-seeds", "4", "7"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "[robustness]" in out and "gaussian" in out
+    df = pd.read_parquet(run_dir / "robustness.parquet")
+    assert sorted(df["seed"].unique()) == [4, 7] and len(df) == 4
+    assert (df[df["eps"] == 0]["acc"] == _plain_test_acc(run_dir)).all()
+
+
+def test_grid_errors_name_the_key(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"eps\.1"):
+        parse_grid({"eps": [0, -1]})
+    with pytest.raises(ConfigError, match=r"kind: unknown key"):
+        parse_grid({"kind": ["gaussian"]})
+    with pytest.raises(ConfigError, match=r"modes\.0"):
+        parse_grid({"modes": ["train"]})
+    with pytest.raises(ConfigError, match=r"noise_seeds"):
+        parse_grid({"noise_seeds": 0})
+    with pytest.raises(ConfigError, match=r"robustness\.eps"):
+        parse_grid({"eps": []}, source="sweeps/x.yaml", prefix="robustness")
+    missing = tmp_path / "nope"
+    with pytest.raises(CalrayError, match=re.escape(str(missing))):
+        run_grid(missing, {})
+    assert main([str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(missing) in err
+    (tmp_path / "cells.json").write_text("{not json")
+    with pytest.raises(CalrayError, match=re.escape(str(tmp_path / "cells.json"))):
+        run_grid(tmp_path, {})
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():  # another module's session: use it
+        yield ray
+        return
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_train_test_retrains_as_ray_tune_trials(run_dir, ray_session):
+    grid = {"kinds": ["gaussian"], "eps": [5], "modes": ["train+test"], "train_seeds": [3], "noise_seeds": 1,
+            "epochs": 1}
+    run_grid(run_dir, {"kinds": ["gaussian"], "eps": [0], "modes": ["test"], "noise_seeds": 1})
+    df = run_grid(run_dir, grid)
+    assert len(df) == 2 and set(df["mode"]) == {"test", "train+test"}  # the test-mode rows are kept
+    row = df[df["mode"] == "train+test"].iloc[0]
+    assert (row["mode"], row["kind"], row["eps"], row["seed"]) == ("train+test", "gaussian", 5.0, 3)
+    assert row["status"] == "ok"
+    retrain = run_dir / "robustness" / "runs" / "tiny" / "gaussian_eps5_seed3"
+    cfg = yaml.safe_load((retrain / "config.yaml").read_text())
+    assert cfg["noise"]["kind"] == "gaussian" and cfg["noise"]["eps"] == 5.0 and cfg["noise"]["mode"] == "train+test"
+    assert cfg["runtime"]["seed"] == 3 and cfg["optim"]["epochs"] == 1
+    assert row["acc"] == json.loads((retrain / "summary.json").read_text())["test_acc"]
+    assert (retrain / "trial.json").is_file()  # it ran through calray.trial.run_trial
+    saved = pd.read_parquet(run_dir / "robustness.parquet")
+    assert len(saved) == 2
+    # a second call reuses the finished retrain instead of training again
+    again = run_grid(run_dir, grid)
+    assert again.loc[again["mode"] == "train+test", "acc"].tolist() == [row["acc"]]
