@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `--dry-run | head`
+        return 0
 
 
 # ---------------------------------------------------------------- dry run
@@ -180,7 +182,7 @@ def _init_ray(address: str | None, plan: SweepPlan) -> None:
             hint = ("" if os.environ.get("RAY_AUTH_MODE") else
                     "; clusters started by `ray start` use token auth: set RAY_AUTH_MODE=token (the token is "
                     "~/.ray/auth_token on the head node) or run with --address auto on the head node")
-            raise CalrayError(f"--address {address}: cannot connect to the Ray cluster ({e}){hint}") from None
+            raise CalrayError(f"--address {address}: cannot connect to a Ray cluster there ({e}); is one running at that address{hint}") from None
     else:
         os.environ["PYTHONPATH"] = pythonpath  # inherited by the local Ray's workers
         kw = {}

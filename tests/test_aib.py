@@ -20,14 +20,6 @@ from calray.aib import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is much faster on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def test_kl_matches_torch_distributions():
     g = torch.Generator().manual_seed(0)

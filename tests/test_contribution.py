@@ -29,14 +29,6 @@ from calray.models.multimodal import MultimodalModel
 # ------------------------------------------------------------------ eq 3–6: Gaussian MI
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is much faster on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 
 def closed_form_mi(cov: np.ndarray, dx: int) -> float:

@@ -25,14 +25,6 @@ MODS = ("audio", "visual")
 KEYS = ("W", "D", "I", "phi", "R", "P", "kl", "a", "beta")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is much faster on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 
 def rows_of(run_dir: Path) -> list[dict]:

@@ -25,14 +25,6 @@ from calray.modulation import (
 W = {"audio": 0.8, "visual": -0.3, "text": 0.1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is much faster on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 
 def np_softmax(v):
