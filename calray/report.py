@@ -843,7 +843,6 @@ def section_best_configs(data: ReportData) -> Section:
         if params:
             s.table(["searched parameter", "best value"], [[k, fmt(v, 5)] for k, v in params])
         if c.config is not None:
-            m = c.config.get("method") or {}
             o = c.config.get("optim") or {}
             s.table(["key", "value"], [[f"method.{k}", fmt(_config_value(c.config, f"method.{k}"), 5)] for k in
                                        ("strategy", "T", "eta", "lambda", "n", "aib", "contribution")] +

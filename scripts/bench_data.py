@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calray.config import config_from_dict  # noqa: E402
 from calray.data import build_datasets  # noqa: E402
-from calray.data.base import DatasetSplits  # noqa: E402
 from calray.runinfo import environment  # noqa: E402
 from calray.trainer import Trainer, to_device  # noqa: E402
 

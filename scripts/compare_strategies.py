@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_config(args.config, args.overrides)
+    load_config(args.config, args.overrides)  # a bad config fails before any run
     modalities = None
     records, trajectories = [], {}
     t_all = time.time()

@@ -6,10 +6,8 @@ import torch
 import yaml
 
 from calray.checkpoint import load_checkpoint
-from calray.config import config_from_dict
 from calray.errors import TrainingError
 from calray.trainer import Trainer, train
-from tests.conftest import tiny_run_dict
 
 
 def read_rows(run_dir):

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
 from calray.data.cache import RowCache, cache_dir_for
-from calray.data.media import (IMAGENET_MEAN, IMAGENET_STD, SpectrogramSettings, frame_indices,
+from calray.data.media import (IMAGENET_MEAN, IMAGENET_STD, SpectrogramSettings, frame_indices, list_frames,
                                load_spectrogram_file, ogm_spectrogram, open_image, read_wav, to_tensor)
 from calray.errors import DatasetError
 from calray.noise import Attack
@@ -38,6 +38,7 @@ class AVParams(BaseModel):
     audio: Literal["wav", "spec"] = "spec"  # wav: compute the spectrogram; spec: read a stored one
     audio_dir: str = "audio"  # wav source: <audio_dir>/<id>.wav
     spec_dir: str = "audio_spec"  # spec source: <spec_dir>/<id>.pkl or .npy
+    visual_dir: str = "visual"  # frames: <visual_dir>/<id>/*.jpg
     spectrogram: SpectrogramSettings = Field(default_factory=SpectrogramSettings)
     on_missing: Literal["error", "skip"] = "error"  # a listed clip whose files are missing
     cache_frames: bool = False  # with data.cache_dir: cache decoded frames too (see docs/DATASETS.md)
@@ -152,6 +153,20 @@ def spec_path(root: Path, params: AVParams, clip_id: str) -> Path:
         return pkl
     npy = pkl.with_suffix(".npy")
     return npy if npy.exists() else pkl
+
+
+def locate_clip(root: Path, params: AVParams, split: str, clip_id: str, label: int, skips) -> Clip | None:
+    """The clip's sorted frames and audio file; None (counted in `skips`) when either is missing."""
+    frame_dir = root / params.visual_dir / clip_id
+    frames = list_frames(frame_dir)
+    audio = spec_path(root, params, clip_id)
+    if not frames:
+        skips.missing(split, clip_id, frame_dir, "frames")
+        return None
+    if not audio.exists():
+        skips.missing(split, clip_id, audio, "audio")
+        return None
+    return Clip(clip_id, label, tuple(str(f) for f in frames), str(audio))
 
 
 def expected_spec_shape(clips: list[Clip], params: AVParams, script: str) -> tuple[int, int] | None:

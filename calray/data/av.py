@@ -28,15 +28,13 @@ from typing import Literal
 from pydantic import Field
 
 from calray.data.audiovisual import (MODALITIES, AVDatasetFactory, AVParams, Clip, av_info, expected_spec_shape,
-                                     spec_path)
+                                     locate_clip)
 from calray.data.base import parse_params, register_dataset
 from calray.data.common import SkipLog, assemble, read_list, require_file, require_root, wanted_modalities
-from calray.data.media import list_frames
 from calray.errors import DatasetError
 
 
 class AVListParams(AVParams):
-    visual_dir: str = "visual"
     class_list: str | None = "stat.txt"  # None: the sorted union of the labels in the split lists
     train_list: str = "my_train.txt"
     val_list: str | None = None  # None: derive a stratified val split from train
@@ -140,16 +138,9 @@ def build_av_list_dataset(cfg, dataset: str, params_model, script: str):
         rows, duplicates[split] = apply_duplicate_policy(parse_rows(path, p, classes, script), p.duplicates, path, script)
         clips = []
         for clip_id, label in rows:
-            frame_dir = root / p.visual_dir / clip_id
-            frames = list_frames(frame_dir)
-            audio = spec_path(root, p, clip_id)
-            if not frames:
-                skips.missing(split, clip_id, frame_dir, "frames")
-                continue
-            if not audio.exists():
-                skips.missing(split, clip_id, audio, "audio")
-                continue
-            clips.append(Clip(clip_id, label, tuple(str(f) for f in frames), str(audio)))
+            clip = locate_clip(root, p, split, clip_id, label, skips)
+            if clip is not None:
+                clips.append(clip)
         records[split] = clips
     overlap = {}
     ids = {s: {c.id for c in clips} for s, clips in records.items() if clips is not None}

@@ -18,10 +18,9 @@ from typing import Literal
 from pydantic import Field
 
 from calray.data.audiovisual import (MODALITIES, AVDatasetFactory, AVParams, Clip, av_info, expected_spec_shape,
-                                     spec_path)
+                                     locate_clip)
 from calray.data.base import parse_params, register_dataset
 from calray.data.common import SkipLog, assemble, read_list, require_file, require_root, wanted_modalities
-from calray.data.media import list_frames
 from calray.errors import DatasetError
 
 SCRIPT = "prepare_cremad.py"
@@ -47,16 +46,9 @@ def read_split(root: Path, p: CremadParams, split: str, list_name: str, skips: S
         clip_id, emo = fields[0], fields[1]
         if emo not in CLASSES:
             raise DatasetError(f"line {lineno}: unknown emotion {emo!r} (expected one of {CLASSES})", path, SCRIPT)
-        frame_dir = root / p.visual_dir / clip_id
-        frames = list_frames(frame_dir)
-        audio = spec_path(root, p, clip_id)
-        if not frames:
-            skips.missing(split, clip_id, frame_dir, "frames")
-            continue
-        if not audio.exists():
-            skips.missing(split, clip_id, audio, "audio")
-            continue
-        clips.append(Clip(clip_id, CLASSES.index(emo), tuple(str(f) for f in frames), str(audio)))
+        clip = locate_clip(root, p, split, clip_id, CLASSES.index(emo), skips)
+        if clip is not None:
+            clips.append(clip)
     return clips
 
 
