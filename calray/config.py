@@ -112,6 +112,7 @@ class OptimConfig(Strict):
     gamma: float = Field(0.1, gt=0.0)
     plateau_patience: int = Field(10, ge=0)
     grad_clip: float | None = Field(None, gt=0.0)
+    grad_accum: int = Field(1, ge=1)  # optimizer step every k batches (QMF: batch 16 × 40 for MVSA)
     early_stop_patience: int | None = Field(None, ge=1)  # epochs without val improvement
 
 

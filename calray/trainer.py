@@ -8,6 +8,7 @@ the epoch and are turned into W, a and β at each refresh (epoch end by default)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -215,16 +216,21 @@ class Trainer:
         self.last_contrib = flat
         return flat
 
-    def train_step(self, inputs, labels, epoch: int, step: int) -> torch.Tensor:
-        """One optimisation step on a device-resident batch; returns the detached loss."""
-        out, loss, parts = self._forward_loss(inputs, labels)
-        self._check_finite((torch.isfinite(loss.detach()), loss.detach(), parts, epoch, step))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.modulator.apply(self.raw_model, epoch, out.unimodal_logits, labels)
-        if self.cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
+    def train_step(self, inputs, labels, epoch: int, step: int, update: bool = True) -> torch.Tensor:
+        """Forward and backward on a device-resident batch; with `update`, also modulate, clip and
+        step (otherwise the gradient accumulates: `optim.grad_accum`). Returns the detached loss."""
+        accumulating = not update and hasattr(self.model, "no_sync")  # DDP: sync only on the update
+        with self.model.no_sync() if accumulating else contextlib.nullcontext():
+            out, loss, parts = self._forward_loss(inputs, labels)
+            self._check_finite((torch.isfinite(loss.detach()), loss.detach(), parts, epoch, step))
+            (loss / self.cfg.optim.grad_accum).backward()
+        if update:
+            # eq 14 is linear in the gradient, so scaling the accumulated sum = scaling each part
+            self.modulator.apply(self.raw_model, epoch, out.unimodal_logits, labels)
+            if self.cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.track:
             reps, fused_rep = self._reps(out)
             self.window.update(labels, out.fused_logits, out.unimodal_logits, out.ablated_logits, reps, fused_rep)
@@ -255,12 +261,15 @@ class Trainer:
         limit = cfg.runtime.max_steps_per_epoch
         total = min(len(self.train_loader), limit or len(self.train_loader))
         bar = self._progress(self.train_loader, total, f"epoch {epoch + 1}/{cfg.optim.epochs}")
+        accum = cfg.optim.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
         for step, (inputs, labels) in enumerate(bar):
             if limit is not None and step >= limit:
                 break
             inputs = to_device(inputs, self.device, self.channels_last)
             labels = labels.to(self.device, non_blocking=True)
-            loss = self.train_step(inputs, labels, epoch, step)
+            update = (step + 1) % accum == 0 or step + 1 == total  # an epoch's tail updates too
+            loss = self.train_step(inputs, labels, epoch, step, update=update)
             loss_sum += loss * len(labels)
             seen += len(labels)
             if cfg.method.update_every and (step + 1) % cfg.method.update_every == 0:

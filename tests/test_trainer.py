@@ -84,3 +84,20 @@ def test_early_stopping_and_schedulers(tiny_cfg):
     cfg = tiny_cfg(optim={"epochs": 30, "lr": 1e-9, "early_stop_patience": 2})
     summary = train(cfg)
     assert summary["stopped_early"] and summary["epochs_run"] < 30
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_cfg):
+    """2 accumulated batches of 16 = one batch of 32 (same order, no BatchNorm, no AIB sampling)."""
+    common = {"method": {"strategy": "cal", "aib": "off"}, "optim": {"name": "sgd", "lr": 0.05, "epochs": 2}}
+    big = tiny_cfg(data={**tiny_cfg().data.model_dump(), "batch_size": 32}, **common,
+                   runtime={"output_dir": tiny_cfg().runtime.output_dir + "/big", "progress": False})
+    accum = tiny_cfg(data={**tiny_cfg().data.model_dump(), "batch_size": 16},
+                     method=common["method"], optim={**common["optim"], "grad_accum": 2},
+                     runtime={"output_dir": tiny_cfg().runtime.output_dir + "/accum", "progress": False})
+    a, b = Trainer(big), Trainer(accum)
+    a.fit()
+    b.fit()
+    for (name, pa), pb in zip(a.raw_model.state_dict().items(), b.raw_model.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=name)
+    ra, rb = read_rows(big.run_dir()), read_rows(accum.run_dir())
+    assert [r["a_audio"] for r in ra] == pytest.approx([r["a_audio"] for r in rb], rel=1e-6)
