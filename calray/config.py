@@ -106,11 +106,14 @@ class OptimConfig(Strict):
     momentum: float = Field(0.9, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     epochs: int = Field(10, ge=1)
-    scheduler: Literal["none", "step", "multistep", "cosine", "plateau"] = "none"
+    # per epoch: step, multistep, cosine, plateau (on val accuracy); per optimizer update:
+    # linear_warmup (lr·u/(w·U) for the first w·U of U updates, then linearly to 0 at U)
+    scheduler: Literal["none", "step", "multistep", "cosine", "plateau", "linear_warmup"] = "none"
     step_size: int = Field(70, ge=1)
     milestones: list[int] = Field(default_factory=lambda: [70])
     gamma: float = Field(0.1, gt=0.0)
     plateau_patience: int = Field(10, ge=0)
+    warmup_proportion: float = Field(0.1, ge=0.0, lt=1.0)  # linear_warmup: w, the warm-up share of all updates
     grad_clip: float | None = Field(None, gt=0.0)
     grad_accum: int = Field(1, ge=1)  # optimizer step every k batches (QMF: batch 16 × 40 for MVSA)
     early_stop_patience: int | None = Field(None, ge=1)  # epochs without val improvement

@@ -145,10 +145,10 @@ class ContributionStats:
                reps: dict[str, torch.Tensor], fused_rep: torch.Tensor) -> None:
         mods = self.modalities
         n = len(labels)
+        # references only: stacking and concatenation happen once per flush
         self._pending.append((
             labels.detach(), fused_logits.detach(),
-            torch.stack([unimodal_logits[m].detach() for m in mods]),
-            torch.stack([ablated_logits[m].detach() for m in mods]),
+            [unimodal_logits[m].detach() for m in mods], [ablated_logits[m].detach() for m in mods],
             [reps[m].detach().reshape(n, -1) for m in mods], fused_rep.detach().reshape(n, -1),
         ))
         if len(self._pending) >= self.flush_every:
@@ -160,12 +160,14 @@ class ContributionStats:
         if not self._pending:
             return
         batches, self._pending = self._pending, []
-        if len(batches) == 1:
-            self._accumulate(*batches[0])
-            return
         cols = list(zip(*batches))
-        self._accumulate(torch.cat(cols[0]), torch.cat(cols[1]), torch.cat(cols[2], dim=1),
-                         torch.cat(cols[3], dim=1), [torch.cat(r) for r in zip(*cols[4])], torch.cat(cols[5]))
+
+        def cat(tensors):
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+        per_modality = [cat(r) for r in zip(*cols[2])], [cat(r) for r in zip(*cols[3])], [cat(r) for r in zip(*cols[4])]
+        self._accumulate(cat(cols[0]), cat(cols[1]), torch.stack(per_modality[0]), torch.stack(per_modality[1]),
+                         per_modality[2], cat(cols[5]))
 
     def _accumulate(self, labels, fused_logits, unimodal, ablated, reps, fused_rep) -> None:
         y = labels.to(self.device).long()

@@ -47,6 +47,7 @@ def environment(device: torch.device | None = None) -> dict:
         "platform": platform.platform(),
         "hostname": platform.node(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
     }

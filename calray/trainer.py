@@ -27,6 +27,7 @@ from calray.checkpoint import atomic_write_text, load_checkpoint, save_checkpoin
 from calray.config import RunConfig, save_config
 from calray.contribution import ContributionStats, ContributionTracker
 from calray.data.base import DatasetSplits, build_datasets, dataset_labels
+from calray.data.batched import batched_loader
 from calray.errors import TrainingError
 from calray.metrics import EvalStats
 from calray.models import MultimodalModel, build_model
@@ -77,6 +78,16 @@ def to_device(x, device: torch.device, channels_last: bool = False):
     return x
 
 
+def linear_warmup_factor(u: int, total: int, warmup: float) -> float:
+    """lr factor of optimizer update u (0-based) of `total`: u/(w·U) while u < w·U, then
+    (U − u)/(U − w·U), 0 from U on — pytorch_pretrained_bert 0.6's warmup_linear (BertAdam) and
+    transformers' get_linear_schedule_with_warmup with a fractional w·U."""
+    progress = u / total
+    if progress < warmup:
+        return progress / warmup
+    return max(0.0, (1.0 - progress) / (1.0 - warmup))
+
+
 def unwrap(model: nn.Module) -> MultimodalModel:
     return model.module if hasattr(model, "module") else model
 
@@ -102,7 +113,6 @@ class Trainer:
         self.raw_model = model
         self.model = self.ctx.wrap_model(model) if self.ctx.wrap_model else model
         self.optimizer = self._build_optimizer()
-        self.scheduler = self._build_scheduler()
 
         m = cfg.method
         self.tracker = ContributionTracker(self.modalities, m.contribution, m.n, m.mi_shrinkage)
@@ -118,6 +128,9 @@ class Trainer:
         self.train_loader = self._loader(self.splits.train, train=True)
         self.val_loader = self._loader(self.splits.val, train=False)
         self.test_loader = self._loader(self.splits.test, train=False)
+        # after the loaders: a per-update schedule needs the number of updates
+        self.per_update_scheduler = cfg.optim.scheduler == "linear_warmup"
+        self.scheduler = self._build_scheduler()
 
         self.start_epoch = 0
         self.best_val = -math.inf
@@ -147,7 +160,26 @@ class Trainer:
         if o.scheduler == "plateau":
             return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=o.gamma,
                                                               patience=o.plateau_patience)
+        if o.scheduler == "linear_warmup":
+            # stepped after every optimizer update (train_step); a plain function, so the
+            # checkpoint stores only last_epoch (= updates done) and U always comes from the config
+            total, w = self.total_updates(), o.warmup_proportion
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda u: linear_warmup_factor(u, total, w))
         return None
+
+    def batches_per_epoch(self) -> int:
+        """Training batches one epoch runs: the loader's length, capped by max_steps_per_epoch."""
+        limit = self.cfg.runtime.max_steps_per_epoch
+        return min(len(self.train_loader), limit or len(self.train_loader))
+
+    def updates_per_epoch(self) -> int:
+        """optimizer.step() calls per epoch: every grad_accum batches, plus one for a partial
+        accumulation at the epoch's end (train_epoch's `update` rule)."""
+        return math.ceil(self.batches_per_epoch() / self.cfg.optim.grad_accum)
+
+    def total_updates(self) -> int:
+        """U: optimizer updates over all optim.epochs (early stopping may end a run before)."""
+        return self.updates_per_epoch() * self.cfg.optim.epochs
 
     def _new_stats(self) -> ContributionStats:
         fusion = self.raw_model.fusion
@@ -166,9 +198,12 @@ class Trainer:
         sampler = ShardedSampler(len(dataset), shuffle=train, seed=self.cfg.runtime.seed,
                                  rank=self.ctx.rank, world_size=self.ctx.world_size, pad=train)
         workers = d.num_workers
-        return DataLoader(dataset, batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
-                          sampler=sampler, num_workers=workers, pin_memory=self.cuda, drop_last=False,
-                          persistent_workers=workers > 0)
+        batch_size = d.batch_size if train else (d.eval_batch_size or d.batch_size)
+        options = {"num_workers": workers, "pin_memory": self.cuda, "persistent_workers": workers > 0}
+        whole = batched_loader(dataset, sampler, batch_size, **options)  # in-memory datasets
+        if whole is not None:
+            return whole
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, **options)
 
     # ------------------------------------------------------------------ one step
 
@@ -231,6 +266,8 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.per_update_scheduler:
+                self.scheduler.step()
         if self.track:
             reps, fused_rep = self._reps(out)
             self.window.update(labels, out.fused_logits, out.unimodal_logits, out.ablated_logits, reps, fused_rep)
@@ -259,7 +296,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         seen = 0
         limit = cfg.runtime.max_steps_per_epoch
-        total = min(len(self.train_loader), limit or len(self.train_loader))
+        total = self.batches_per_epoch()
         bar = self._progress(self.train_loader, total, f"epoch {epoch + 1}/{cfg.optim.epochs}")
         accum = cfg.optim.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
@@ -281,7 +318,7 @@ class Trainer:
         contrib = self.refresh_contributions(end_of_epoch=True)
         stats = self.epoch_stats
         n_seen = self._all_reduce_scalar(torch.tensor(float(seen), dtype=torch.float64, device=self.device))
-        row = {"train_loss": self._all_reduce_scalar(loss_sum) / max(n_seen, 1.0)}
+        row = {"train_loss": self._all_reduce_scalar(loss_sum) / max(n_seen, 1.0), "train_samples": int(n_seen)}
         if self.track:
             row["train_acc"] = stats.fused_accuracy()
             row.update({f"train_acc_{m}": v for m, v in stats.unimodal_accuracy().items()})
@@ -347,6 +384,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.per_update_scheduler:
+                # the lr of update u from this config's U (a no-op when the config is unchanged;
+                # with a changed optim.epochs the schedule continues on the new U from u)
+                u = self.scheduler.last_epoch
+                for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                               self.scheduler.lr_lambdas):
+                    group["lr"] = base * factor(u)
         self.tracker.load_state_dict(state["tracker"])
         self.modulator.load_state_dict(state["modulator"])
         self.a_aib = dict(state["a_aib"])
@@ -393,13 +437,14 @@ class Trainer:
         if self.ctx.is_main:
             self._write_run_files()
             self._truncate_metrics(self.start_epoch)
-        t_start = time.time()
+        t_start = self.started_at = time.time()
         stopped_early = False
         epoch = self.start_epoch - 1
         for epoch in range(self.start_epoch, cfg.optim.epochs):
             t0 = time.time()
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
             row.update(self.train_epoch(epoch))
+            row["train_time_s"] = time.time() - t0  # training alone: samples/s without evaluation
             val = self.evaluate(self.val_loader)
             row.update({f"val_{k}": v for k, v in val.items()})
             improved = val["acc"] > self.best_val
@@ -407,7 +452,7 @@ class Trainer:
                 self.best_val, self.best_epoch, self.epochs_since_best = val["acc"], epoch, 0
             else:
                 self.epochs_since_best += 1
-            if self.scheduler is not None:
+            if self.scheduler is not None and not self.per_update_scheduler:  # per update: train_step
                 if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     self.scheduler.step(val["acc"])
                 else:
@@ -459,6 +504,8 @@ class Trainer:
             "epochs_run": epochs_run,
             "stopped_early": stopped_early,
             "duration_s": duration,
+            "started_at": getattr(self, "started_at", None),  # unix time: packing of concurrent trials
+            "finished_at": time.time(),
             "modalities": self.modalities,
             "num_classes": self.splits.num_classes,
             "contributions": self.last_contrib,

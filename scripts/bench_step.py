@@ -9,12 +9,18 @@ prints the ratio of medians. Variants:
 
   python scripts/bench_step.py --preset mlp                  # CPU, small model
   python scripts/bench_step.py --preset cremad --device cuda # CREMA-D shapes, ResNet18 pair
+  python scripts/bench_step.py --run-config configs/quickstart.yaml --variants plain
+                                                             # a run config's model, data and batch
+
+`--barrier DIR --barrier-n K` makes K copies started together time their rounds together
+(scripts/bench_sweep.py uses it to measure the throughput ceiling of K concurrent processes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,7 +31,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calray.config import config_from_dict  # noqa: E402
+from calray.config import apply_overrides, config_from_dict, read_yaml  # noqa: E402
 from calray.data.base import DatasetSplits  # noqa: E402
 from calray.runinfo import environment  # noqa: E402
 from calray.trainer import Trainer, to_device  # noqa: E402
@@ -78,6 +84,26 @@ def make_trainer(preset: str, variant: str, device: str, amp: bool, tmp: Path) -
     return Trainer(cfg, splits=splits)
 
 
+def make_trainer_from_config(path: Path, variant: str, device: str, amp: bool, tmp: Path) -> Trainer:
+    """The run config's own dataset, model and batch size; the variant sets the method."""
+    tree = read_yaml(path)
+    overrides = {f"method.{k}": v for k, v in VARIANTS[variant].items()}
+    overrides.update({"runtime.device": device, "runtime.amp": amp, "runtime.output_dir": str(tmp),
+                      "runtime.progress": False, "name": f"bench_{variant}"})
+    return Trainer(config_from_dict(apply_overrides(tree, overrides), str(path)))
+
+
+def wait_for_peers(barrier: Path, n: int, timeout: float = 600.0) -> None:
+    """File barrier: every copy announces itself, then waits until n copies have."""
+    barrier.mkdir(parents=True, exist_ok=True)
+    (barrier / f"ready_{os.getpid()}").touch()
+    t0 = time.time()
+    while len(list(barrier.glob("ready_*"))) < n:
+        if time.time() - t0 > timeout:
+            raise SystemExit(f"barrier {barrier}: only {len(list(barrier.glob('ready_*')))} of {n} copies arrived")
+        time.sleep(0.05)
+
+
 def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -96,6 +122,10 @@ def time_steps(trainer: Trainer, batch, steps: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="mlp")
+    p.add_argument("--run-config", type=Path, help="time this run config's model and batch instead of a preset")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--barrier", type=Path, help="directory for a start barrier shared by concurrent copies")
+    p.add_argument("--barrier-n", type=int, default=1, help="copies that meet at --barrier")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default: bf16 autocast)")
     p.add_argument("--steps", type=int, default=20, help="steps per round")
@@ -105,15 +135,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tmp = args.out.parent / "bench_step_runs"
-    trainers = {v: make_trainer(args.preset, v, args.device, not args.no_amp, tmp) for v in args.variants}
+    tmp = args.out.parent / f"bench_step_runs_{os.getpid()}"
+    if args.run_config:
+        trainers = {v: make_trainer_from_config(args.run_config, v, args.device, not args.no_amp, tmp)
+                    for v in args.variants}
+    else:
+        trainers = {v: make_trainer(args.preset, v, args.device, not args.no_amp, tmp) for v in args.variants}
     first = next(iter(trainers.values()))
     inputs, labels = next(iter(first.train_loader))
     batch = (to_device(inputs, first.device, first.channels_last), labels.to(first.device))
     for t in trainers.values():
         t.model.train()
         time_steps(t, batch, args.warmup)
+    if args.barrier:
+        wait_for_peers(args.barrier, args.barrier_n)
     times = {v: [] for v in trainers}
     for _ in range(args.rounds):
         for v, t in trainers.items():
@@ -121,14 +159,17 @@ def main(argv=None) -> int:
     med = {v: statistics.median(ts) for v, ts in times.items()}
     base = med.get("plain")
     bs = len(labels)
-    print(f"preset {args.preset}, device {first.device}, batch {bs}, amp {first.amp}, "
+    source = f"run config {args.run_config}" if args.run_config else f"preset {args.preset}"
+    print(f"{source}, device {first.device}, batch {bs}, amp {first.amp}, threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds × {args.steps} steps (median per step)")
     print(f"{'variant':<10}{'ms/step':>10}{'samples/s':>12}{'× plain':>10}")
     for v, m in med.items():
         ratio = f"{m / base:.3f}" if base else "-"
         print(f"{v:<10}{m * 1e3:>10.2f}{bs / m:>12.0f}{ratio:>10}")
     result = {
-        "preset": args.preset, "device": str(first.device), "batch": bs, "amp": first.amp,
+        "preset": None if args.run_config else args.preset, "run_config": str(args.run_config or ""),
+        "device": str(first.device), "batch": bs, "amp": first.amp,
+        "samples_per_s": {v: bs / m for v, m in med.items()},
         "ms_per_step": {v: m * 1e3 for v, m in med.items()},
         "ratio_to_plain": {v: m / base for v, m in med.items()} if base else None,
         "rounds": {v: [x * 1e3 for x in ts] for v, ts in times.items()},

@@ -68,3 +68,14 @@ def test_dotted_overrides(tmp_path):
 def test_noise_eps_without_kind_rejected():
     with pytest.raises(Exception, match="eps"):
         RunConfig.model_validate({"noise": {"eps": 5}})
+
+
+@pytest.mark.parametrize("w", [1.0, -0.1, 1.5])
+def test_warmup_proportion_outside_unit_interval_rejected(tmp_path, w):
+    p = write(tmp_path, {"optim": {"scheduler": "linear_warmup", "warmup_proportion": w}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "optim.warmup_proportion" in msg and "\n" not in msg
+    assert load_config(p, ["optim.warmup_proportion=0"]).optim.warmup_proportion == 0.0
+    assert RunConfig().optim.warmup_proportion == 0.1

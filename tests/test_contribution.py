@@ -264,6 +264,23 @@ def test_merge_of_half_batches_equals_full_batch(dims):
     assert float(merged.count) == 64
 
 
+@pytest.mark.parametrize("flush_every", [2, 5, 100])
+def test_buffered_updates_equal_immediate_updates(flush_every):
+    """flush_every=k (the trainer's amortised path) gives the sums of k=1, whatever the remainder."""
+    g = torch.Generator().manual_seed(9)
+    batches = [random_batch(g, n) for n in (16, 16, 9, 16, 16, 16, 3)]
+    now = new_stats()
+    buffered = ContributionStats(["a", "b"], {"a": 4, "b": 2}, 5, flush_every=flush_every)
+    for batch in batches:
+        now.update(*batch)
+        buffered.update(*batch)
+    assert len(buffered._pending) == len(batches) % flush_every
+    buffered.flush()
+    for a, b in zip(buffered._tensors(), now._tensors()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-10)
+    assert float(buffered.count) == sum(len(b[0]) for b in batches)
+
+
 @pytest.mark.parametrize("dims", [(4, 2), (3, 3)])
 def test_accumulated_covariance_and_mi_match_numpy(dims):
     g = torch.Generator().manual_seed(8)

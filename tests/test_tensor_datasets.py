@@ -102,3 +102,73 @@ def test_feature_salt_pepper_fraction_scales_with_eps(tmp_path):
         fractions[eps] = float(np.mean(changed))
     assert fractions[10] == pytest.approx(0.2, abs=0.03)
     assert fractions[5] == pytest.approx(0.1, abs=0.03)
+
+
+# ------------------------------------------------------------------ whole-batch fetching
+
+
+def _loader_batches(loader, epoch):
+    loader.sampler.set_epoch(epoch)
+    return [(x, y) for x, y in loader]
+
+
+@pytest.mark.parametrize("noise", [None, {"kind": "gaussian", "eps": 5, "mode": "train+test"}])
+def test_batched_loader_yields_the_per_sample_loaders_batches(tmp_path, noise):
+    """Features datasets (through the derived-val Subset too) fetch whole batches: the same
+    tensors, in the same shuffled order per epoch, as a DataLoader calling dataset[i]."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from calray.data.batched import batched_loader
+    from calray.sampling import ShardedSampler
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "feats"
+    root.mkdir()
+    for split, n in (("train", 90), ("test", 20)):
+        np.savez(root / f"{split}.npz", x_a=rng.normal(size=(n, 3)).astype(np.float32),
+                 x_b=rng.normal(size=(n, 2)).astype(np.float32), y=rng.integers(0, 3, n))
+    tree = tiny_run_dict(tmp_path, data={"dataset": "features", "root": str(root), "batch_size": 16})
+    if noise:
+        tree["noise"] = noise
+    splits = build_datasets(config_from_dict(tree))
+    for ds, shuffle in ((splits.train, True), (splits.val, False), (splits.test, False)):
+        sampler = ShardedSampler(len(ds), shuffle=shuffle, seed=3)
+        whole = batched_loader(ds, sampler, 16)
+        assert whole is not None and len(whole) == -(-len(ds) // 16)  # the tail batch is kept
+        plain = DataLoader(ds, batch_size=16, sampler=sampler)
+        for epoch in (0, 1):
+            got, want = _loader_batches(whole, epoch), _loader_batches(plain, epoch)
+            assert len(got) == len(want)
+            for (gx, gy), (wx, wy) in zip(got, want):
+                assert torch.equal(gy, wy) and gy.dtype == torch.long
+                assert all(torch.equal(gx[m], wx[m]) for m in ("a", "b"))
+    if not noise:
+        first = _loader_batches(batched_loader(splits.train, ShardedSampler(len(splits.train), shuffle=True), 16), 0)
+        again = _loader_batches(batched_loader(splits.train, ShardedSampler(len(splits.train), shuffle=True), 16), 1)
+        assert not torch.equal(first[0][1], again[0][1])  # set_epoch reaches the sampler: a new order
+
+
+def test_trainer_uses_whole_batches_only_where_a_dataset_offers_them(tiny_cfg):
+    from torch.utils.data import Dataset
+
+    from calray.data.base import DatasetSplits
+    from calray.trainer import Trainer
+
+    cfg = tiny_cfg()
+    trainer = Trainer(cfg)
+    assert trainer.train_loader.batch_size is None  # batches fetched whole from the synthetic tensors
+
+    class PerSample(Dataset):
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            return self.ds[i]
+
+    s = trainer.splits
+    wrapped = DatasetSplits(PerSample(s.train), PerSample(s.val), PerSample(s.test), s.modalities, s.num_classes)
+    assert Trainer(cfg, splits=wrapped).train_loader.batch_size == cfg.data.batch_size

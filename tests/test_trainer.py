@@ -101,3 +101,77 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_cfg):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=name)
     ra, rb = read_rows(big.run_dir()), read_rows(accum.run_dir())
     assert [r["a_audio"] for r in ra] == pytest.approx([r["a_audio"] for r in rb], rel=1e-6)
+
+
+def warmup_lr(u, U, w, lr):
+    """optim.scheduler linear_warmup written out: lr·u/(wU) while u < wU, then lr·(U−u)/(U−wU)."""
+    W = w * U
+    return lr * (u / W if u < W else (U - u) / (U - W))
+
+
+def record_updates(trainer):
+    """The lr each optimizer.step() call runs with, one entry per call."""
+    lrs = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    return lrs
+
+
+@pytest.mark.parametrize("batch_size, accum, max_steps, per_epoch", [
+    (40, 2, None, 4),  # 256 samples: 7 batches (the last 16) → updates after 2, 4, 6 and the tail 7
+    (32, 3, 5, 2),     # 8 batches capped at 5 → updates after 3 and the tail 5
+])
+def test_linear_warmup_per_update(tiny_cfg, batch_size, accum, max_steps, per_epoch):
+    lr, w, epochs = 0.05, 0.3, 3
+    cfg = tiny_cfg(data={**tiny_cfg().data.model_dump(), "batch_size": batch_size},
+                   optim={"name": "sgd", "lr": lr, "epochs": epochs, "grad_accum": accum,
+                          "scheduler": "linear_warmup", "warmup_proportion": w},
+                   runtime={**tiny_cfg().runtime.model_dump(), "max_steps_per_epoch": max_steps})
+    trainer = Trainer(cfg)
+    lrs = record_updates(trainer)
+    trainer.fit()
+    U = per_epoch * epochs
+    assert trainer.total_updates() == U == len(lrs)  # U is exactly the number of optimizer.step() calls
+    assert lrs == pytest.approx([warmup_lr(u, U, w, lr) for u in range(U)], rel=1e-12, abs=1e-15)
+    assert lrs[0] == 0.0 and max(lrs) <= lr
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.0  # after the last update the schedule is at U: 0
+    # epoch rows log the lr the epoch starts with: stepped per update, not per epoch
+    assert [r["lr"] for r in read_rows(cfg.run_dir())] == pytest.approx(
+        [warmup_lr(e * per_epoch, U, w, lr) for e in range(epochs)], rel=1e-12, abs=1e-15)
+
+
+def test_linear_warmup_resume_mid_run_repeats_the_lr_sequence(tiny_cfg):
+    from calray.trainer import RunContext
+
+    def make(sub):
+        return tiny_cfg(data={**tiny_cfg().data.model_dump(), "batch_size": 40},
+                        optim={"name": "sgd", "lr": 0.05, "epochs": 3, "grad_accum": 2,
+                               "scheduler": "linear_warmup", "warmup_proportion": 0.5},
+                        runtime={**tiny_cfg().runtime.model_dump(), "output_dir": tiny_cfg().runtime.output_dir + sub})
+
+    full = Trainer(make("/full"))
+    ref = record_updates(full)
+    full.fit()
+    assert len(ref) == 12  # 4 updates per epoch, warm-up over the first 6
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first_epoch(row, ckpt):
+        if row["epoch"] == 0:
+            raise Crash
+
+    cfg = make("/part")
+    first = Trainer(cfg, RunContext(reporter=crash_after_first_epoch))
+    got = record_updates(first)
+    with pytest.raises(Crash):
+        first.fit()  # epoch 0's checkpoint is written, mid warm-up (u = 4 of 6)
+    assert load_checkpoint(cfg.run_dir() / "checkpoints" / "last.pt")["scheduler"]["last_epoch"] == 4
+    resumed = Trainer(cfg)
+    rest = record_updates(resumed)
+    resumed.fit()
+    assert resumed.start_epoch == 1
+    assert len(got) == 4 and got + rest == ref  # the same lr for every update, exactly
+    assert resumed.optimizer.param_groups[0]["lr"] == 0.0
+    rows, ref_rows = read_rows(cfg.run_dir()), read_rows(full.run_dir)
+    assert [r["lr"] for r in rows] == [r["lr"] for r in ref_rows]
+    assert [r["train_loss"] for r in rows] == pytest.approx([r["train_loss"] for r in ref_rows], rel=1e-5)

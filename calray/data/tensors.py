@@ -28,6 +28,7 @@ class FeatureDataset(Dataset):
                 raise ValueError(f"modality {m!r}: {len(x)} rows but {n} labels")
         self.features = {m: torch.as_tensor(np.asarray(x, dtype=np.float32)) for m, x in features.items()}
         self.labels = [int(v) for v in np.asarray(labels)]
+        self._label_tensor = torch.as_tensor(self.labels, dtype=torch.long)
         self.transform = transform
 
     def __len__(self) -> int:
@@ -38,6 +39,16 @@ class FeatureDataset(Dataset):
         if self.transform is not None:
             inputs = self.transform({m: v.clone() for m, v in inputs.items()}, i)
         return inputs, self.labels[i]
+
+    def get_batch(self, indices: list[int]):
+        """The collated batch of `indices` (see calray.data.batched): what stacking
+        `self[i]` for each i gives, with one indexing per modality."""
+        if self.transform is not None:  # noise is drawn per sample (seeded by its index)
+            samples = [self[i] for i in indices]
+            inputs = {m: torch.stack([s[0][m] for s in samples]) for m in self.features}
+            return inputs, torch.as_tensor([s[1] for s in samples], dtype=torch.long)
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {m: x[idx] for m, x in self.features.items()}, self._label_tensor[idx]
 
 
 def feature_noise_transform(cfg, split: str, modalities: list[str]):

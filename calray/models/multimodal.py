@@ -42,11 +42,17 @@ class MultimodalModel(nn.Module):
         self.register_buffer("emb_mean_steps", torch.zeros((), dtype=torch.long))
 
     def modality_parameters(self, m: str) -> list[nn.Parameter]:
-        """θ_m of eq 11: the parameters exclusive to modality m's branch (encoder + AIB head)."""
-        params = list(self.encoders[m].parameters())
-        if m in self.aib_heads:
-            params += list(self.aib_heads[m].parameters())
-        return params
+        """θ_m of eq 11: the parameters exclusive to modality m's branch (encoder + AIB head).
+
+        Cached: gradient scaling asks every step, and walking the module tree costs as much as the
+        scaling itself on small models. Parameters keep their identity under .to() and DDP."""
+        cache = self.__dict__.setdefault("_modality_params", {})
+        if m not in cache:
+            params = list(self.encoders[m].parameters())
+            if m in self.aib_heads:
+                params += list(self.aib_heads[m].parameters())
+            cache[m] = params
+        return list(cache[m])
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """θ_s: the fusion module and unimodal heads (never modulated)."""
