@@ -51,15 +51,18 @@ def scale_gradients(model, a: dict[str, float], eta: float) -> dict[str, float]:
     Shared (fusion/head) parameters are untouched. Returns the scale applied per modality.
     Under DDP call it after backward (gradients already synchronised).
     """
-    scales = {}
+    scales, grads, factors = {}, [], []
     for m, am in a.items():
         s = 1.0 + eta * am
         scales[m] = s
         if s == 1.0:
             continue
-        grads = [p.grad for p in model.modality_parameters(m) if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, s)
+        for p in model.modality_parameters(m):
+            if p.grad is not None:
+                grads.append(p.grad)
+                factors.append(s)
+    if grads:
+        torch._foreach_mul_(grads, factors)  # one call for all modalities
     return scales
 
 

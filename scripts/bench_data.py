@@ -15,6 +15,7 @@ and prints data-path samples/s ÷ resident samples/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -84,14 +86,20 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--epochs", type=int, default=2, help="measured epochs after the cache-warming one")
     p.add_argument("--out", type=Path, default=Path("runs/bench_data.json"))
+    p.add_argument("--keep", type=Path, help="write the fixture, cache and a run.yaml here and keep them")
     args = p.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="calray_bench_data_") as tmp:
-        tmp = Path(tmp)
+    with contextlib.nullcontext(str(args.keep)) if args.keep else \
+            tempfile.TemporaryDirectory(prefix="calray_bench_data_") as tmp:
+        tmp = Path(tmp).resolve()
         t0 = time.perf_counter()
         write_cremad(tmp / "cremad", args.clips, max(args.frames, 3))
         print(f"fixture: {args.clips} clips written in {time.perf_counter() - t0:.1f}s")
-        cfg = config_from_dict(run_config(args, tmp / "cremad", tmp / "cache", tmp / "runs"), "bench_data")
+        tree = run_config(args, tmp / "cremad", tmp / "cache", tmp / "runs")
+        if args.keep:  # for `bench_sweep.py --packing --run-config <keep>/run.yaml`
+            (tmp / "run.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+            print(f"kept the fixture, its decode cache and {tmp / 'run.yaml'}")
+        cfg = config_from_dict(tree, "bench_data")
         splits = build_datasets(cfg)
         trainer = Trainer(cfg, splits=splits)
         n_train = len(splits.train)
