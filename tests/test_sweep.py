@@ -121,7 +121,7 @@ def test_same_trial_config_and_seed_gives_same_metrics(tmp_path):
     for i in range(2):
         got = []
         execute_trial({**config, "run_dir": str(tmp_path / f"r{i}")}, got.append, f"t{i}")
-        reports.append([{k: v for k, v in r.items() if k not in ("time_s", "run_dir")} for r in got])
+        reports.append([{k: v for k, v in r.items() if k not in ("time_s", "train_time_s", "run_dir")} for r in got])
     assert len(reports[0]) == 3 and reports[0][-1][FINAL_KEY] == 1
     assert reports[0] == reports[1]
     trial = json.loads((tmp_path / "r0" / "trial.json").read_text())
