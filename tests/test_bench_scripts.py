@@ -1,0 +1,67 @@
+"""The benchmark scripts stay runnable: tiny in-process runs and the sweep files they generate.
+(Their timings are never asserted: speed is a benchmark, not a test.)"""
+
+import importlib
+import json
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from calray.sweep_config import load_sweep
+from tests.conftest import tiny_run_dict
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        yield {name: importlib.import_module(f"bench_{name}") for name in ("step", "sweep")}
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+def test_bench_step_on_a_run_config_writes_ratios(bench, tmp_path, capsys):
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(tiny_run_dict(tmp_path)))
+    out = tmp_path / "step.json"
+    assert bench["step"].main(["--run-config", str(run), "--variants", "plain", "cal", "--rounds", "1",
+                               "--steps", "2", "--warmup", "1", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["run_config"] == str(run) and result["batch"] == 32
+    assert set(result["ratio_to_plain"]) == {"plain", "cal"} and result["ratio_to_plain"]["plain"] == 1.0
+    assert result["samples_per_s"]["cal"] > 0 and result["env"]["torch_threads"] == 1
+    assert "× plain" in capsys.readouterr().out
+
+
+def test_barrier_releases_when_all_copies_arrived_and_names_itself_otherwise(bench, tmp_path):
+    bench["step"].wait_for_peers(tmp_path / "b1", 1)
+    (tmp_path / "b2").mkdir()
+    (tmp_path / "b2" / "ready_999999").touch()  # another copy already waiting
+    bench["step"].wait_for_peers(tmp_path / "b2", 2)
+    t0 = time.time()
+    with pytest.raises(SystemExit, match=r"b3: only 1 of 3 copies arrived"):
+        bench["step"].wait_for_peers(tmp_path / "b3", 3, timeout=0.2)
+    assert time.time() - t0 < 5
+
+
+@pytest.mark.parametrize("device,k", [("cpu", 2), ("cuda", 4)])
+def test_packing_sweep_files_are_valid_sweeps_with_one_kth_of_the_device(bench, tmp_path, device, k):
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(tiny_run_dict(tmp_path)))
+    args = Namespace(run_config=run, epochs=3, variant="plain", device=device, n_train=500, waves=2, cpus=8)
+    plan = load_sweep(bench["sweep"].packing_sweep_file(tmp_path, k, args))
+    spec = plan.spec
+    assert spec.max_concurrent_trials == k and spec.search.num_samples == 2 * k
+    if device == "cuda":
+        assert spec.resources.gpus_per_worker == pytest.approx(1 / k) and spec.ray.num_gpus == 1
+    else:
+        assert spec.resources.cpus_per_worker == pytest.approx(8 / k) and spec.resources.gpus_per_worker == 0
+    (cell,) = plan.cells
+    assert cell.run["optim"]["epochs"] == 3 and cell.run["data"]["params"]["n_train"] == 500
+    assert cell.run["method"]["strategy"] == "none" and cell.run["method"]["track_contributions"] is False
