@@ -133,6 +133,7 @@ class Trainer:
         self.scheduler = self._build_scheduler()
 
         self.start_epoch = 0
+        self.started_at: float | None = None  # unix time fit() began (summary.json)
         self.best_val = -math.inf
         self.best_epoch = -1
         self.epochs_since_best = 0
@@ -504,7 +505,7 @@ class Trainer:
             "epochs_run": epochs_run,
             "stopped_early": stopped_early,
             "duration_s": duration,
-            "started_at": getattr(self, "started_at", None),  # unix time: packing of concurrent trials
+            "started_at": self.started_at,  # with finished_at: how concurrent trials packed
             "finished_at": time.time(),
             "modalities": self.modalities,
             "num_classes": self.splits.num_classes,

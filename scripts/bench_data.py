@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from calray.checkpoint import write_json  # noqa: E402
 from calray.config import config_from_dict  # noqa: E402
 from calray.data import build_datasets  # noqa: E402
 from calray.runinfo import environment  # noqa: E402
@@ -140,8 +140,7 @@ def main(argv=None) -> int:
     result = {"device": str(trainer.device), "batch": args.batch, "workers": args.workers, "shapes": shapes,
               "n_train": n_train, "first_epoch_sps": n_train / first, "data_path_sps": data_sps,
               "resident_sps": resident_sps, "ratio": ratio, "env": environment(trainer.device)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -19,7 +19,6 @@ prints the ratio of medians. Variants:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,6 +30,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from calray.checkpoint import write_json  # noqa: E402
 from calray.config import apply_overrides, config_from_dict, read_yaml  # noqa: E402
 from calray.data.base import DatasetSplits  # noqa: E402
 from calray.runinfo import environment  # noqa: E402
@@ -175,8 +175,7 @@ def main(argv=None) -> int:
         "rounds": {v: [x * 1e3 for x in ts] for v, ts in times.items()},
         "env": environment(first.device),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -44,6 +44,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from calray.checkpoint import write_json  # noqa: E402
 from calray.runinfo import environment  # noqa: E402
 
 
@@ -187,8 +188,7 @@ def packing(args) -> int:
           f"target ≥ 0.93)")
     out = {"mode": "packing", "run_config": str(args.run_config), "device": args.device, "variant": args.variant,
            "cpus": args.cpus, "epochs": args.epochs, "results": results, "best_k": best_k, "env": environment()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=str))
+    write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0
 
@@ -230,8 +230,7 @@ def main(argv=None) -> int:
               "marginal_overhead_per_trial_s": marginal, "fixed_overhead_s": fixed,
               "overhead_fraction_of_reference_trial": marginal / args.reference_s,
               "reference_trial_s": args.reference_s, "env": environment()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

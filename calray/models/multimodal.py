@@ -40,19 +40,19 @@ class MultimodalModel(nn.Module):
         for m in self.modalities:
             self.register_buffer(f"emb_mean_{m}", torch.zeros(fusion.dims[m]))
         self.register_buffer("emb_mean_steps", torch.zeros((), dtype=torch.long))
+        self._modality_params: dict[str, list[nn.Parameter]] = {}  # modality_parameters' cache
 
     def modality_parameters(self, m: str) -> list[nn.Parameter]:
         """θ_m of eq 11: the parameters exclusive to modality m's branch (encoder + AIB head).
 
         Cached: gradient scaling asks every step, and walking the module tree costs as much as the
         scaling itself on small models. Parameters keep their identity under .to() and DDP."""
-        cache = self.__dict__.setdefault("_modality_params", {})
-        if m not in cache:
+        if m not in self._modality_params:
             params = list(self.encoders[m].parameters())
             if m in self.aib_heads:
                 params += list(self.aib_heads[m].parameters())
-            cache[m] = params
-        return list(cache[m])
+            self._modality_params[m] = params
+        return list(self._modality_params[m])
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """θ_s: the fusion module and unimodal heads (never modulated)."""
