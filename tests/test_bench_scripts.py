@@ -21,7 +21,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 def bench():
     sys.path.insert(0, str(SCRIPTS))
     try:
-        yield {name: importlib.import_module(f"bench_{name}") for name in ("step", "sweep")}
+        yield {name: importlib.import_module(f"bench_{name}") for name in ("step", "sweep", "loader")}
     finally:
         sys.path.remove(str(SCRIPTS))
 
@@ -65,3 +65,13 @@ def test_packing_sweep_files_are_valid_sweeps_with_one_kth_of_the_device(bench, 
     (cell,) = plan.cells
     assert cell.run["optim"]["epochs"] == 3 and cell.run["data"]["params"]["n_train"] == 500
     assert cell.run["method"]["strategy"] == "none" and cell.run["method"]["track_contributions"] is False
+
+
+def test_bench_loader_compares_whole_and_per_sample_batches(bench, tmp_path, capsys):
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(tiny_run_dict(tmp_path)))
+    out = tmp_path / "loader.json"
+    assert bench["loader"].main(["--run-config", str(run), "--rounds", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["ms_per_batch"]) == {"per_sample", "whole_batch"} and len(result["rounds"]["per_sample"]) == 2
+    assert "whole-batch loader" in capsys.readouterr().out
