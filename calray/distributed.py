@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from calray.errors import ConfigError, TrainingError
+from calray.resume import check_resumable
 
 RAY_SUBDIR = "ray_train"  # Ray Train's experiment directory name, inside the run directory
 SHARED_MARKER = ".calray_shared_storage"  # written by the driver, read by every worker
@@ -550,6 +551,8 @@ def train_distributed(cfg, *, inject_failure: str | None = None) -> dict:
                           "pip install 'ray[default,tune,train]'") from None
 
     run_dir = run_dir_for(cfg)
+    if cfg.runtime.resume:  # the workers check too; here it fails before Ray starts
+        check_resumable(run_dir, prepare_worker_config(cfg, run_dir).to_dict())
     if not cfg.runtime.resume and (run_dir / RAY_SUBDIR).exists():
         shutil.rmtree(run_dir / RAY_SUBDIR)
     started = init_ray(cfg)

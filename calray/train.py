@@ -1,4 +1,4 @@
-"""`python -m calray.train CONFIG.yaml [--set key=value ...] [--workers N] [--gpu] [--address ADDR]`."""
+"""`python -m calray.train CONFIG.yaml [--set key=value ...] [--workers N] [--gpu] [--address ADDR] [--fresh]`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="Ray Train DDP workers (default: distributed.workers)")
     p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker (nccl)")
     p.add_argument("--address", default=None, help="Ray cluster: 'auto' or host:port (default: local)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in the run dir, replacing a previous run there (= --set runtime.resume=false); "
+                        "without it a run resumes only from a run of the same config")
     return p.parse_args(argv)
 
 
@@ -30,6 +33,8 @@ def main(argv=None) -> int:
         overrides.append("distributed.gpu=true")
     if args.address is not None:
         overrides.append(f"distributed.address={args.address}")
+    if args.fresh:
+        overrides.append("runtime.resume=false")
     try:
         cfg = load_config(args.config, overrides)
         if cfg.distributed.workers > 1 or cfg.distributed.address is not None:

@@ -32,6 +32,7 @@ from calray.errors import TrainingError
 from calray.metrics import EvalStats
 from calray.models import MultimodalModel, build_model
 from calray.modulation import GradientModulator, contribution_softmax
+from calray.resume import check_resumable
 from calray.runinfo import environment, rng_state, seed_everything, set_rng_state
 from calray.sampling import ShardedSampler
 
@@ -429,6 +430,8 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
+        if cfg.runtime.resume:  # before anything is written: a different config never reuses this dir
+            check_resumable(self.run_dir, cfg.to_dict())
         resume_path = self.ctx.resume_from
         if resume_path is None and cfg.runtime.resume and (self.ckpt_dir / "last.pt").is_file():
             resume_path = self.ckpt_dir / "last.pt"
