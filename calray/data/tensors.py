@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -10,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import Dataset
 
-from calray.data.base import DatasetSplits, derive_val_split, parse_params, register_dataset
+from calray.data.base import DatasetSplits, derive_val_split, parse_params, register_dataset, stratified_split
 from calray.errors import ConfigError, DatasetError
 
 
@@ -54,7 +55,9 @@ class FeatureDataset(Dataset):
 def feature_noise_transform(cfg, split: str, modalities: list[str]):
     """Gaussian / salt-pepper noise on feature vectors for the tensor datasets, or None.
 
-    Gaussian: x + N(0, (ε·std_scale)²) with std_scale default 0.1 (features are ~unit scale);
+    Gaussian: x + N(0, (ε·std_scale)²) with std_scale default 0.1 (features are ~unit scale:
+    `synthetic` by construction; `features` are standardised with train statistics before this
+    runs, so there ε·std_scale is in units of one training std);
     salt-pepper: a density·ε/10 fraction of entries (so `density` at ε = 10) set to ± the sample's
     max |x| — our definition for feature vectors, scaled by ε like the Gaussian. Each sample is
     attacked with probability p_apply (default 0.5), drawn from a generator seeded by
@@ -160,9 +163,66 @@ def _load_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return feats, arrays["y"].astype(np.int64)
 
 
+# Raw features are flagged (when `standardize` is off) if a modality's max |x| over the training
+# rows exceeds this, or if the largest per-modality overall std is this many times the smallest:
+# a real multi-view set has one view reaching 17,000 next to pixel averages in 0–6, and trained raw
+# its weak view stayed at chance.
+EXTREME_SCALE = 100.0
+
+
+class FeaturesParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    standardize: bool = True  # per-modality z-score with the statistics of the rows trained on
+
+
+def standardization_stats(feats: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-feature mean and population std (ddof 0) in float64 of each modality's rows.
+
+    A constant feature (max == min) gets std 1, so it maps to 0 instead of dividing by zero.
+    """
+    mean, std = {}, {}
+    for m, x in feats.items():
+        x = np.asarray(x, dtype=np.float64)
+        mean[m] = x.mean(axis=0)
+        s = x.std(axis=0)
+        std[m] = np.where(x.max(axis=0) == x.min(axis=0), 1.0, s)
+    return mean, std
+
+
+def standardize(feats: dict[str, np.ndarray], mean: dict, std: dict) -> dict[str, np.ndarray]:
+    """(x − mean) / std per modality, computed in float64 and stored as float32."""
+    return {m: ((np.asarray(x, dtype=np.float64) - mean[m]) / std[m]).astype(np.float32) for m, x in feats.items()}
+
+
+def extreme_scale_warnings(feats: dict[str, np.ndarray]) -> list[str]:
+    """Messages for modalities whose raw scale would dominate training (rule: EXTREME_SCALE)."""
+    fix = "set data.params.standardize: true to z-score every modality with train statistics"
+    out = []
+    for m, x in sorted(feats.items()):
+        peak = float(np.abs(x).max()) if x.size else 0.0
+        if peak > EXTREME_SCALE:
+            out.append(f"features: modality {m!r} is unstandardised and reaches max |x| = {peak:.4g} "
+                       f"on the training rows (over {EXTREME_SCALE:g}); {fix}")
+    spread = {m: float(np.asarray(x, dtype=np.float64).std()) for m, x in feats.items() if x.size}
+    spread = {m: v for m, v in spread.items() if v > 0}  # an all-constant modality has no scale to compare
+    if len(spread) >= 2:
+        big, small = max(spread, key=spread.get), min(spread, key=spread.get)
+        ratio = spread[big] / spread[small]
+        if ratio > EXTREME_SCALE:
+            out.append(f"features: modality {big!r} (overall std {spread[big]:.4g}) is {ratio:.4g}× the scale of "
+                       f"{small!r} (std {spread[small]:.4g}; over {EXTREME_SCALE:g}×) and unstandardised; {fix}")
+    return out
+
+
 @register_dataset("features")
 def build_features(cfg) -> DatasetSplits:
-    """Pre-extracted features: `<root>/{train,val,test}.npz` with `y` and `x_<modality>` (N×d)."""
+    """Pre-extracted features: `<root>/{train,val,test}.npz` with `y` and `x_<modality>` (N×d).
+
+    With `standardize` (default) every split is z-scored per feature with the statistics of the
+    rows trained on — train.npz minus a derived validation part — since real feature files mix
+    scales; the noise transform then acts on the standardised values.
+    """
+    p = parse_params(FeaturesParams, cfg.data.params, "features")
     if not cfg.data.root:
         raise ConfigError("data.root: the features dataset needs a root directory")
     root = Path(cfg.data.root)
@@ -176,19 +236,45 @@ def build_features(cfg) -> DatasetSplits:
     modalities = sorted(train_f)
     if sorted(test_f) != modalities:
         raise DatasetError(f"test.npz modalities {sorted(test_f)} differ from train.npz {modalities}", root)
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    info: dict = {}
-    train = FeatureDataset(train_f, train_y, feature_noise_transform(cfg, "train", modalities))
+    val_f = val_y = None
     if (root / "val.npz").is_file():
         val_f, val_y = _load_npz(root / "val.npz")
+        if sorted(val_f) != modalities:
+            raise DatasetError(f"val.npz modalities {sorted(val_f)} differ from train.npz {modalities}", root)
+        fit_rows = np.arange(len(train_y))
+    else:  # the rows derive_val_split keeps below (same labels, fraction and seed)
+        fit_rows, _ = stratified_split(train_y, cfg.data.val_fraction, cfg.data.seed)
+    fit = {m: x[fit_rows] for m, x in train_f.items()}
+    info: dict = {}
+    if p.standardize:
+        mean, std = standardization_stats(fit)
+        train_f, test_f = standardize(train_f, mean, std), standardize(test_f, mean, std)
+        if val_f is not None:
+            val_f = standardize(val_f, mean, std)
+        held = "" if val_f is not None else f"; the {len(train_y) - len(fit_rows)} held-out validation rows excluded"
+        info["standardize"] = {"enabled": True, "source": f"train rows (N={len(fit_rows)}{held})",
+                               "mean": {m: mean[m].tolist() for m in modalities},
+                               "std": {m: std[m].tolist() for m in modalities}}
+    else:
+        info["standardize"] = {"enabled": False}
+        messages = extreme_scale_warnings(fit)
+        for msg in messages:
+            warnings.warn(msg, stacklevel=2)
+        if messages:
+            info["warnings"] = messages
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    train = FeatureDataset(train_f, train_y, feature_noise_transform(cfg, "train", modalities))
+    if val_f is not None:
         val = FeatureDataset(val_f, val_y, feature_noise_transform(cfg, "val", modalities))
         num_classes = max(num_classes, int(val_y.max()) + 1)
         info["val_source"] = str(root / "val.npz")
     else:
         # the held-out part must not carry training-mode noise unless the mode says so
         val_view = FeatureDataset(train_f, train_y, feature_noise_transform(cfg, "val", modalities))
-        train, _, info = derive_val_split(train, train_y, cfg.data.val_fraction, cfg.data.seed)
+        train, _, val_info = derive_val_split(train, train_y, cfg.data.val_fraction, cfg.data.seed)
         _, val, _ = derive_val_split(val_view, train_y, cfg.data.val_fraction, cfg.data.seed)
+        assert train.indices == fit_rows.tolist(), "standardisation rows differ from the derived train rows"
+        info.update(val_info)
     test = FeatureDataset(test_f, test_y, feature_noise_transform(cfg, "test", modalities))
     return DatasetSplits(train=train, val=val, test=test, modalities=modalities,
                          num_classes=num_classes, info=info)
