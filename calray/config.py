@@ -59,7 +59,7 @@ class MethodConfig(Strict):
     T, eta, lambda and n are the sweep's search axes.
     """
 
-    strategy: Literal["cal", "null", "weak", "ogm_ge", "none"] = "cal"
+    strategy: Literal["cal", "null", "weak", "ogm_ge", "ogm_ge_mix", "none"] = "cal"  # ogm_ge: fused CE only
     T: float = 1.0  # eq 12: a = softmax(T·W); T multiplies W (an inverse temperature)
     eta: float = Field(1.0, ge=0.0)  # eq 14: g_m ← (1 + η·a_m)·g_m
     lambda_: float = Field(1.0, alias="lambda", ge=0.0)  # eq 21: weight of L_AIB
@@ -95,7 +95,19 @@ class MethodConfig(Strict):
     def _tracking_needed(self):
         if not self.track_contributions and (self.strategy in ("cal", "weak") or self.aib not in ("off",)):
             raise ValueError(f"track_contributions=false, but strategy {self.strategy!r} / aib {self.aib!r} "
-                             "need the contributions (use strategy none|null|ogm_ge with aib off)")
+                             "need the contributions (use strategy none|null|ogm_ge|ogm_ge_mix with aib off)")
+        return self
+
+    @model_validator(mode="after")
+    def _ogm_ge_as_published(self):
+        """`ogm_ge` is the published baseline (Peng et al., CVPR 2022), which trains on the fused
+        cross-entropy only; the loss keys stay explicit, so they must say so."""
+        if self.strategy == "ogm_ge" and (self.aib != "off" or self.unimodal_weight != 0):
+            raise ValueError(
+                f"strategy 'ogm_ge' is OGM-GE as published (fused cross-entropy only), but method.aib is "
+                f"{self.aib!r} and method.unimodal_weight is {self.unimodal_weight:g}: set method.aib: off "
+                "and method.unimodal_weight: 0, or use strategy 'ogm_ge_mix' (OGM-GE's modulation inside "
+                "the configured CAL loss: unimodal CE terms and AIB)")
         return self
 
 

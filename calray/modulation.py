@@ -10,7 +10,10 @@ Strategies:
 - `null`:          a_m = 1/M          (uniform additive modulation)
 - `ogm_ge`: OGM-GE (Peng et al., CVPR 2022): the dominant modality's weight gradients are
   scaled by 1 − tanh(α·ρ) (reference code; `ogm_continuous`: 1 − tanh(α·relu(ρ − 1))) inside an epoch window, plus optional Gaussian noise with
-  the gradient's std (GE) on every modality's weight gradients
+  the gradient's std (GE) on every modality's weight gradients. As published, it trains on the
+  fused cross-entropy only: the config requires `aib: off` and `unimodal_weight: 0`
+- `ogm_ge_mix`: the same modulation inside whatever loss is configured (CAL's eq 21 with its
+  unimodal CE terms and the AIB) — a mixture, not the published baseline
 - `none`: plain joint training
 """
 
@@ -21,7 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-STRATEGIES = ("cal", "null", "weak", "ogm_ge", "none")
+STRATEGIES = ("cal", "null", "weak", "ogm_ge", "ogm_ge_mix", "none")
+OGM_STRATEGIES = ("ogm_ge", "ogm_ge_mix")  # OGM-GE's modulation; they differ only in the loss
 
 
 def contribution_softmax(W: dict[str, float], T: float) -> dict[str, float]:
@@ -32,14 +36,14 @@ def contribution_softmax(W: dict[str, float], T: float) -> dict[str, float]:
 
 
 def modulation_coefficients(strategy: str, W: dict[str, float], T: float) -> dict[str, float]:
-    """The vector a of eq 13–14 for the additive strategies; zeros for `none` and `ogm_ge`."""
+    """The vector a of eq 13–14 for the additive strategies; zeros for `none` and the OGM-GE ones."""
     if strategy == "cal":
         return contribution_softmax(W, T)
     if strategy == "weak":
         return contribution_softmax(W, -T)
     if strategy == "null":
         return {m: 1.0 / len(W) for m in W}
-    if strategy in ("none", "ogm_ge"):
+    if strategy == "none" or strategy in OGM_STRATEGIES:
         return {m: 0.0 for m in W}
     raise ValueError(f"unknown strategy {strategy!r}; known: {STRATEGIES}")
 
@@ -138,7 +142,7 @@ class GradientModulator:
         """Modulate the gradients now in `model` (unwrapped). Returns what was applied, for logging."""
         if not self.active(epoch):
             return {}
-        if self.method.strategy == "ogm_ge":
+        if self.method.strategy in OGM_STRATEGIES:
             start, end = self.method.ogm_epochs
             if not (start <= epoch <= end):
                 return {}

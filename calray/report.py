@@ -43,7 +43,7 @@ ABLATION_AXES = ("method.strategy", "method.aib", "method.contribution")
 AXIS_TITLES = {"method.strategy": "modulation strategy (Fig. 2)", "method.aib": "AIB mode (Table IV)",
                "method.contribution": "contribution measure (Table V)"}
 AXIS_ORDER = {
-    "method.strategy": ["cal", "null", "weak", "ogm_ge", "none"],
+    "method.strategy": ["cal", "null", "weak", "ogm_ge", "ogm_ge_mix", "none"],
     "method.aib": ["mi", "mx", "mx_mi", "inv_beta", "beta", "off"],
     "method.contribution": ["kl", "d_only", "i_only", "d_plus_i", "d_x_i"],
 }

@@ -1,5 +1,6 @@
 """Compare the gradient-modulation strategies of Fig. 2 (cal / null / weak / ogm_ge / none) and AIB
-on/off on one synthetic imbalanced task over several seeds.
+on/off on one synthetic imbalanced task over several seeds (OGM-GE both as published and inside
+CAL's loss, `ogm_ge_mix`).
 
     python scripts/compare_strategies.py [--config configs/quickstart.yaml] [--seeds 5] [--epochs N]
                                          [--out runs/compare] [--set key=value ...]
@@ -32,15 +33,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# variant name → method overrides; AIB follows the config unless a variant says otherwise
+# variant name → method overrides; AIB and the unimodal CE terms follow the config unless a
+# variant says otherwise. `ogm_ge` is OGM-GE as published (fused CE only, no AIB), paired with
+# `none_fused_ce` (the same loss, no modulation: the reference code's "Normal"); `ogm_ge_mix` is
+# OGM-GE's modulation inside the config's CAL loss (unimodal CE terms + AIB), paired with `none`.
 VARIANTS: dict[str, dict] = {
     "cal": {"strategy": "cal"},
     "cal_no_aib": {"strategy": "cal", "aib": "off"},
     "null": {"strategy": "null"},
     "weak": {"strategy": "weak"},
-    "ogm_ge": {"strategy": "ogm_ge"},
+    "ogm_ge": {"strategy": "ogm_ge", "aib": "off", "unimodal_weight": 0},
+    "ogm_ge_mix": {"strategy": "ogm_ge_mix"},
     "none": {"strategy": "none"},
     "none_no_aib": {"strategy": "none", "aib": "off"},
+    "none_fused_ce": {"strategy": "none", "aib": "off", "unimodal_weight": 0},
 }
 TRAJ_KEYS = ("W", "a", "beta", "R", "P", "phi", "I", "D")
 
@@ -91,7 +97,8 @@ def main(argv=None) -> int:
             summary = train(cfg)
             modalities = summary["modalities"]
             test = summary["test"]
-            rec = {"variant": variant, "strategy": cfg.method.strategy, "aib": cfg.method.aib, "seed": seed,
+            rec = {"variant": variant, "strategy": cfg.method.strategy, "aib": cfg.method.aib,
+                   "unimodal_weight": cfg.method.unimodal_weight, "seed": seed,
                    "test_acc": test["acc"], "test_macro_f1": test["macro_f1"],
                    **{f"test_acc_{m}": test[f"acc_{m}"] for m in modalities},
                    "best_epoch": summary["best_epoch"], "best_val_acc": summary["best_val_acc"],

@@ -59,7 +59,8 @@ def check_rows(rows: list[dict], method) -> None:
         w = [row[f"W_{m}"] for m in MODS]
         a = [row[f"a_{m}"] for m in MODS]
         expected_a = {"cal": np_softmax(method.T * np.array(w)), "weak": np_softmax(-method.T * np.array(w)),
-                      "null": [0.5, 0.5], "none": [0.0, 0.0], "ogm_ge": [0.0, 0.0]}[method.strategy]
+                      "null": [0.5, 0.5], "none": [0.0, 0.0], "ogm_ge": [0.0, 0.0],
+                      "ogm_ge_mix": [0.0, 0.0]}[method.strategy]
         assert np.allclose(a, expected_a, atol=1e-12)
         # AIB's β uses softmax(T·W) whatever the gradient strategy (eq 17 on normalised a)
         assert np.allclose([row[f"beta_{m}"] for m in MODS], 1.0 - np_softmax(method.T * np.array(w)), atol=1e-12)
@@ -69,8 +70,9 @@ CASES = {
     "cal": {},
     "null": {"strategy": "null"},
     "weak": {"strategy": "weak"},
-    "ogm_ge": {"strategy": "ogm_ge"},
-    "ogm_no_noise": {"strategy": "ogm_ge", "ogm_ge_noise": False},
+    "ogm_ge": {"strategy": "ogm_ge", "aib": "off", "unimodal_weight": 0},  # as published: fused CE only
+    "ogm_no_noise": {"strategy": "ogm_ge", "aib": "off", "unimodal_weight": 0, "ogm_ge_noise": False},
+    "ogm_ge_mix": {"strategy": "ogm_ge_mix"},  # OGM-GE's modulation inside CAL's loss (AIB on)
     "none": {"strategy": "none"},
     "d_plus_i": {"contribution": "d_plus_i"},
     "d_only": {"contribution": "d_only"},
@@ -131,17 +133,19 @@ def same_weights(a: dict, b: dict) -> bool:
 
 def test_modulation_is_applied_exactly_when_configured(tiny_cfg):
     """Wiring check against plain joint training (`none`, same seed): a strategy that modulates
-    nothing (cal with warm-up over every epoch, cal with η = 0, OGM-GE outside its epoch window)
-    trains to bit-identical weights; cal after one warm-up epoch and null do not."""
+    nothing (cal with warm-up over every epoch, cal with η = 0, OGM-GE's modulation outside its
+    epoch window, `ogm_ge_mix`: the same loss as `none`) trains to bit-identical weights; cal after
+    one warm-up epoch, null and `ogm_ge_mix` inside its window do not."""
     base = final_weights(train(tiny_cfg(name="none", method={"strategy": "none"})))
     same = {
         "warm": {"strategy": "cal", "warmup_epochs": 2},
         "eta0": {"strategy": "cal", "eta": 0.0},
-        "ogm_outside": {"strategy": "ogm_ge", "ogm_epochs": [5, 9]},
+        "ogm_outside": {"strategy": "ogm_ge_mix", "ogm_epochs": [5, 9]},
     }
     for name, method in same.items():
         assert same_weights(final_weights(train(tiny_cfg(name=name, method=method))), base), name
-    differ = {"warm1": {"strategy": "cal", "warmup_epochs": 1}, "null": {"strategy": "null"}}
+    differ = {"warm1": {"strategy": "cal", "warmup_epochs": 1}, "null": {"strategy": "null"},
+              "ogm_inside": {"strategy": "ogm_ge_mix", "ogm_ge_noise": False}}
     for name, method in differ.items():
         assert not same_weights(final_weights(train(tiny_cfg(name=name, method=method))), base), name
 

@@ -10,8 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from calray.config import MethodConfig
 from calray.data.base import build_datasets
-from calray.models import build_model
+from calray.errors import ConfigError
+from calray.models import MultimodalModel, build_model
+from calray.models.encoders import MLPEncoder
+from calray.models.fusion import ConcatFusion
 from calray.modulation import (
     GradientModulator,
     apply_ogm_ge,
@@ -67,6 +71,7 @@ def test_weak_reverses_cal_and_null_is_uniform():
     assert modulation_coefficients("null", W, 2.0) == {m: pytest.approx(1 / 3) for m in W}
     assert modulation_coefficients("none", W, 2.0) == {m: 0.0 for m in W}
     assert modulation_coefficients("ogm_ge", W, 2.0) == {m: 0.0 for m in W}
+    assert modulation_coefficients("ogm_ge_mix", W, 2.0) == {m: 0.0 for m in W}
     with pytest.raises(ValueError):
         modulation_coefficients("strong", W, 1.0)
 
@@ -245,3 +250,127 @@ def test_apply_ogm_ge_noise_has_the_gradient_std_on_every_modality(model_and_bat
         else:
             assert torch.equal(p.grad, ref[n]), n
     assert checked >= 2
+
+
+# ------------------------------------------------------------------ OGM-GE suppresses the dominant modality
+
+
+def known_gradient_model():
+    """Two MLP encoders and a concat head, every gradient set to known (seeded) values."""
+    torch.manual_seed(0)
+    model = MultimodalModel({"audio": MLPEncoder(6, [5, 4]), "visual": MLPEncoder(3, [4])},
+                            ConcatFusion({"audio": 4, "visual": 4}, 3, None))
+    gen = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    return model
+
+
+@pytest.mark.parametrize("strategy", ["ogm_ge", "ogm_ge_mix"])
+@pytest.mark.parametrize("dominant", ["audio", "visual"])
+def test_ogm_suppression_lands_on_the_dominant_modality(strategy, dominant):
+    """The modality whose unimodal logits are far more confident on the true labels gets its weight
+    gradients (dim ≥ 2) scaled by 1 − tanh(α·ρ), ρ = s_dom / s_weak with s = Σ_batch softmax[y]
+    computed here by hand; the other modality, every bias and the shared head keep their gradient."""
+    alpha = 0.3
+    labels = torch.arange(12) % 3
+    onehot = F.one_hot(labels, 3).float()
+    weak = "visual" if dominant == "audio" else "audio"
+    logits = {dominant: 4.0 * onehot, weak: 0.3 * onehot}
+    logits = {m: logits[m] for m in ("audio", "visual")}  # the model's modality order
+    p_true = {m: math.exp(c) / (math.exp(c) + 2.0) for m, c in ((dominant, 4.0), (weak, 0.3))}
+    rho = (12 * p_true[dominant]) / (12 * p_true[weak])
+    k_dominant = 1.0 - math.tanh(alpha * rho)
+    assert rho > 2.0 and 0.05 < k_dominant < 0.9
+
+    method = dict(strategy=strategy, ogm_alpha=alpha, ogm_ge_noise=False)
+    if strategy == "ogm_ge":
+        method.update(aib="off", unimodal_weight=0)
+    modulator = GradientModulator(MethodConfig(**method), ["audio", "visual"])
+    model = known_gradient_model()
+    ref = grads_by_name(model)
+    applied = modulator.apply(model, 0, logits, labels)
+    assert applied == {f"k_{dominant}": pytest.approx(k_dominant, rel=1e-6), f"k_{weak}": 1.0}
+    scaled = 0
+    for n, p in model.named_parameters():
+        if n.startswith(f"encoders.{dominant}.") and p.dim() >= 2:
+            assert torch.allclose(p.grad, k_dominant * ref[n], rtol=1e-6, atol=0.0), n
+            scaled += 1
+        else:
+            assert torch.equal(p.grad, ref[n]), n  # the weak modality, biases and the fusion head
+    assert scaled == (2 if dominant == "audio" else 1)
+
+
+def test_ogm_window_is_inclusive_as_in_the_reference():
+    """The reference modulates while modulation_starts <= epoch <= modulation_ends (0-based)."""
+    labels = torch.arange(12) % 3
+    logits = {"audio": 4.0 * F.one_hot(labels, 3).float(), "visual": torch.zeros(12, 3)}
+    modulator = GradientModulator(MethodConfig(strategy="ogm_ge", aib="off", unimodal_weight=0,
+                                               ogm_epochs=(2, 5), ogm_ge_noise=False), ["audio", "visual"])
+    for epoch, inside in ((1, False), (2, True), (5, True), (6, False)):
+        model = known_gradient_model()
+        ref = grads_by_name(model)
+        applied = modulator.apply(model, epoch, logits, labels)
+        assert bool(applied) == inside, epoch
+        changed = not torch.equal(dict(model.named_parameters())["encoders.audio.net.0.weight"].grad,
+                                  ref["encoders.audio.net.0.weight"])
+        assert changed == inside, epoch
+
+
+# ------------------------------------------------------------------ OGM-GE as published (fused CE only)
+
+
+@pytest.mark.parametrize("loss_keys", [{}, {"aib": "beta", "unimodal_weight": 0},
+                                       {"aib": "off", "unimodal_weight": 1.0}, {"aib": "off", "unimodal_weight": 0.5}])
+def test_ogm_ge_requires_the_published_loss(tiny_cfg, loss_keys):
+    """tiny_cfg has aib beta and the default unimodal_weight 1: ogm_ge must turn both off."""
+    with pytest.raises(ConfigError) as err:
+        tiny_cfg(method={"strategy": "ogm_ge", **loss_keys})
+    msg = str(err.value)
+    for want in ("method.aib", "method.unimodal_weight", "off", "0", "ogm_ge_mix", "fused cross-entropy"):
+        assert want in msg, (want, msg)
+
+
+def test_ogm_ge_mix_accepts_any_loss_and_ogm_ge_the_published_one(tiny_cfg):
+    assert tiny_cfg(method={"strategy": "ogm_ge_mix"}).method.aib == "beta"
+    mix = tiny_cfg(method={"strategy": "ogm_ge_mix", "aib": "off", "unimodal_weight": 0.5}).method
+    assert (mix.aib, mix.unimodal_weight) == ("off", 0.5)
+    published = tiny_cfg(method={"strategy": "ogm_ge", "aib": "off", "unimodal_weight": 0}).method
+    assert (published.aib, published.unimodal_weight) == ("off", 0.0)
+    with pytest.raises(ValueError, match="ogm_ge_mix"):
+        MethodConfig(strategy="ogm_ge")  # the defaults are CAL's loss (aib beta, unimodal_weight 1)
+
+
+def hand_first_step_losses(cfg) -> tuple[float, float]:
+    """Fused CE and Σ_m unimodal CE of the initial model on the whole training set, by hand."""
+    from calray.trainer import Trainer
+
+    trainer = Trainer(cfg)  # the same seeded data and initialisation train() builds
+    items = [trainer.splits.train[i] for i in range(len(trainer.splits.train))]
+    inputs = {m: torch.stack([torch.as_tensor(x[m]) for x, _ in items]) for m in trainer.modalities}
+    labels = torch.tensor([int(y) for _, y in items])
+    with torch.no_grad():
+        out = trainer.raw_model(inputs)
+    fused = float(F.cross_entropy(out.fused_logits, labels))
+    unimodal = sum(float(F.cross_entropy(v, labels)) for v in out.unimodal_logits.values())
+    return fused, unimodal
+
+
+@pytest.mark.parametrize("strategy,unimodal_weight", [("ogm_ge", 0), ("ogm_ge_mix", 1.0)])
+def test_published_ogm_ge_trains_on_the_fused_cross_entropy_only(tiny_cfg, strategy, unimodal_weight):
+    """One step over the whole training set (batch = n_train): the logged train_loss is that step's
+    loss. Published ogm_ge: the fused CE by hand, no unimodal or AIB term; ogm_ge_mix with the
+    same (AIB-free) model: fused + Σ_m unimodal CE."""
+    import json
+
+    from calray.trainer import train
+
+    sections = dict(data={"batch_size": 256}, optim={"epochs": 1},
+                    method={"strategy": strategy, "aib": "off", "unimodal_weight": unimodal_weight})
+    fused, unimodal = hand_first_step_losses(tiny_cfg(name=f"hand_{strategy}", **sections))
+    assert unimodal > 1.0  # the unimodal terms would be visible if they entered
+    cfg = tiny_cfg(name=f"run_{strategy}", **sections)
+    train(cfg)
+    rows = [json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines() if line]
+    assert rows[0]["train_samples"] == 256 == cfg.data.params["n_train"]
+    assert rows[0]["train_loss"] == pytest.approx(fused + unimodal_weight * unimodal, rel=1e-5)
