@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from calray.checkpoint import atomic_write_bytes, atomic_write_text
 from calray.errors import CalrayError
 
 PAPER_FILE = Path(__file__).with_name("paper_numbers.yaml")
@@ -235,8 +236,7 @@ def render_md(title: str, sections: list[Section], subtitle: str, files_dir: Pat
                 out.append("")
             elif b.kind == "img":
                 name, alt = b.extra
-                files_dir.mkdir(parents=True, exist_ok=True)
-                (files_dir / name).write_bytes(b.data)
+                atomic_write_bytes(files_dir / name, lambda f, data=b.data: f.write(data))
                 out += [f"![{alt}]({files_dir.name}/{name})", ""]
     return "\n".join(out) + "\n"
 
@@ -1341,8 +1341,6 @@ def write_report(sweep_dir: Path) -> tuple[Path, Path]:
     if files_dir.is_dir():
         for old in files_dir.glob("*.png"):
             old.unlink()
-    from calray.checkpoint import atomic_write_text
-
     html_path, md_path = root / "report.html", root / "report.md"
     atomic_write_text(md_path, render_md(title, sections, subtitle, files_dir))
     atomic_write_text(html_path, render_html(title, sections, subtitle))

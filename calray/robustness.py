@@ -21,9 +21,10 @@ per target × kind × ε × mode × seed) and ``robustness_summary.csv`` / ``.pa
 and n per target × kind × ε × mode), plus ``robustness_grid.json`` (the grid that was run).
 Rows already in those files for (cell, mode) pairs this call does not recompute are kept.
 
-`python -m calray.robustness PATH [--kinds ...] [--eps ...] [--modes ...] ...`; PATH is a sweep
-directory (cells.json + best/<cell>.yaml + each cell's best run), a run directory
-(config.yaml + checkpoints/best.pt) or a checkpoint file inside a run directory.
+`python -m calray.robustness PATH [--kinds ...] [--eps ...] [--modes ...] [--quiet] ...`; PATH is a
+sweep directory (cells.json + best/<cell>.yaml + each cell's best run), a run directory
+(config.yaml + checkpoints/best.pt) or a checkpoint file inside a run directory. Ray Tune's status
+tables are off; the retrains print one progress line each as they end (none with ``--quiet``).
 """
 
 from __future__ import annotations
@@ -386,8 +387,17 @@ def _trial_config(plan: "Retrain") -> dict:
     return {"run": plan.config, "run_dir": str(plan.run_dir), "cell": plan.target.cell, "sweep": "robustness"}
 
 
-def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str | None) -> dict[int, str]:
-    """Run the retrains as Ray Tune trials; returns {plan index: error message} for failed trials."""
+def _retrain_label(plan: Retrain) -> str:
+    return f"{plan.target.cell} {plan.kind} eps={plan.eps:g} train seed {plan.train_seed}"
+
+
+def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str | None,
+              quiet: bool = False) -> dict[int, str]:
+    """Run the retrains as Ray Tune trials; returns {plan index: error message} for failed trials.
+
+    Tune's own status tables are off (``verbose=0``); the driver prints one line per retrain as it
+    ends (`calray.sweep_callbacks.RetrainProgress`, the sweep's progress line), none when `quiet`.
+    """
     import ray
     from ray import tune
 
@@ -402,9 +412,12 @@ def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str 
         ray.init(**kwargs)
         started = True
     try:
+        from calray.sweep_callbacks import RetrainProgress
         from calray.trial import run_trial
 
         configs = [_trial_config(p) for p in plans]
+        progress = RetrainProgress([_retrain_label(p) for p in plans], [str(p.run_dir) for p in plans],
+                                   quiet=quiet)
 
         def trainable(config: dict) -> None:  # fixed configs: Tune's grid over their indices
             return run_trial(configs[config["index"]])
@@ -419,7 +432,7 @@ def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str 
             tune.with_resources(trainable, resources),
             param_space={"index": tune.grid_search(list(range(len(plans))))},
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[progress],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
         grid = tuner.fit()
@@ -435,7 +448,7 @@ def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str 
 
 
 def evaluate_train_test_grid(targets: list[Target], spec: GridSpec, out_dir: Path,
-                             address: str | None = None) -> list[dict]:
+                             address: str | None = None, quiet: bool = False) -> list[dict]:
     plans = [p for t in targets for p in plan_retrains(t, spec, out_dir)]
     todo = [p for p in plans if _finished_summary(p) is None]
     _say(f"train+test: {len(plans)} retrains ({len(plans) - len(todo)} already finished, reused); "
@@ -443,7 +456,7 @@ def evaluate_train_test_grid(targets: list[Target], spec: GridSpec, out_dir: Pat
     errors: dict[int, str] = {}
     if todo:
         t0 = time.time()
-        errors = _run_tune(todo, out_dir, spec, address)
+        errors = _run_tune(todo, out_dir, spec, address, quiet=quiet)
         _say(f"train+test: Ray Tune finished {len(todo)} trials in {time.time() - t0:.1f}s "
              f"({len(errors)} failed)")
     failed = {id(todo[i]): msg for i, msg in errors.items()}
@@ -460,8 +473,9 @@ def evaluate_train_test_grid(targets: list[Target], spec: GridSpec, out_dir: Pat
                              train_seed=plan.train_seed, noise_seed=None if plan.eps == 0 else plan.noise_seed,
                              source=str(plan.run_dir), error=None if metrics else err))
         if metrics:
-            _say(f"{plan.target.cell}: train+test {plan.kind} eps={plan.eps:g} train seed {plan.train_seed}: "
-                 f"acc {metrics['acc']:.4f} macro-F1 {metrics['macro_f1']:.4f}")
+            if not quiet:  # the summary table below has every number; failures are always shown
+                _say(f"{plan.target.cell}: train+test {plan.kind} eps={plan.eps:g} train seed {plan.train_seed}: "
+                     f"acc {metrics['acc']:.4f} macro-F1 {metrics['macro_f1']:.4f}")
         else:
             _say(f"{plan.target.cell}: train+test {plan.kind} eps={plan.eps:g} train seed {plan.train_seed}: "
                  f"FAILED ({err})")
@@ -548,12 +562,14 @@ def format_summary(summary: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- entry points
 
 
-def run_grid(sweep_dir: Path, grid: dict | GridSpec | None = None, address: str | None = None) -> pd.DataFrame:
+def run_grid(sweep_dir: Path, grid: dict | GridSpec | None = None, address: str | None = None,
+             quiet: bool = False) -> pd.DataFrame:
     """Run the robustness grid on a sweep dir, run dir or checkpoint; save and return the raw rows.
 
     `grid` = {kinds, eps, modes, noise_seeds, train_seeds, ...} (see GridSpec); `address` is the
     Ray cluster for the train+test retrains (None: a local Ray instance, or the one already
-    initialised in this process).
+    initialised in this process). `quiet`: no line per train+test retrain (neither as it ends nor
+    its result; failures are still printed), only the summary.
     """
     spec = parse_grid(grid)
     out_dir, kind, targets = resolve_targets(Path(sweep_dir), spec.cells)
@@ -566,7 +582,7 @@ def run_grid(sweep_dir: Path, grid: dict | GridSpec | None = None, address: str 
             _say(f"test mode: target {i}/{len(targets)} {target.cell}")
             rows += evaluate_test_grid(target, spec)
     if "train+test" in spec.modes:
-        rows += evaluate_train_test_grid(targets, spec, out_dir, address)
+        rows += evaluate_train_test_grid(targets, spec, out_dir, address, quiet=quiet)
     df = save_tables(_tidy(rows), out_dir, spec)
     summary = summarize(df)
     _say(f"wrote {out_dir / 'robustness.csv'}, robustness.parquet, robustness_summary.csv ({len(df)} rows)")
@@ -592,6 +608,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus-per-trial", type=float, help="train+test: GPUs per retrain trial")
     p.add_argument("--max-concurrent-trials", type=int)
     p.add_argument("--address", default=None, help="Ray cluster for train+test: 'auto' or host:port")
+    p.add_argument("--quiet", action="store_true",
+                   help="train+test: no line per retrain trial (failures are still shown), only the summary")
     return p.parse_args(argv)
 
 
@@ -611,7 +629,7 @@ def main(argv=None) -> int:
                  "gpus_per_trial": args.gpus_per_trial, "max_concurrent_trials": args.max_concurrent_trials}
         grid.update({k: v for k, v in flags.items() if v is not None})
         spec = parse_grid(grid, source=args.grid or "command line")
-        run_grid(Path(args.path), spec, address=args.address)
+        run_grid(Path(args.path), spec, address=args.address, quiet=args.quiet)
     except CalrayError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from calray.checkpoint import atomic_write_text
 from calray.errors import CalrayError, ConfigError
 from calray.sweep_config import Cell, SweepPlan, example_params, load_sweep, stored_spec
 from calray.sweep_results import FINISHED, Manifest, manifest_path, write_outputs
@@ -204,7 +205,7 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
     sdir = sweep_dir_of(plan, storage_path)
     _check_resume(plan, sdir, resume)
     sdir.mkdir(parents=True, exist_ok=True)
-    (sdir / "sweep.yaml").write_text(yaml.safe_dump(stored_spec(plan), sort_keys=False))
+    atomic_write_text(sdir / "sweep.yaml", yaml.safe_dump(stored_spec(plan), sort_keys=False))
     address = address or spec.ray.address
     _init_ray(address, plan)
     from calray import sweep_callbacks
@@ -230,14 +231,14 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
         raise Interrupted(f"outputs so far are in {sdir}; continue with "
                           f"`python -m calray.sweep {plan.path} --resume`") from None
     print(f"sweep {spec.name} finished in {time.time() - t0:.0f}s: {sdir}/cells.json, trials.parquet, best/", flush=True)
-    status = finish_hooks(plan, sdir, address)
+    status = finish_hooks(plan, sdir, address, quiet=quiet)
     print(f"optuna-dashboard {sdir / 'optuna.journal'}   # browse the studies", flush=True)
     return status
 
 
-def finish_hooks(plan: SweepPlan, sdir: Path, address: str | None) -> int:
-    """The robustness grid (when the sweep file has one) and the report. Their failures are
-    logged and never touch the sweep's outputs."""
+def finish_hooks(plan: SweepPlan, sdir: Path, address: str | None, quiet: bool = False) -> int:
+    """The robustness grid (when the sweep file has one; `quiet` as the sweep's --quiet) and the
+    report. Their failures are logged and never touch the sweep's outputs."""
     status = 0
     if plan.spec.robustness:
         try:
@@ -246,7 +247,7 @@ def finish_hooks(plan: SweepPlan, sdir: Path, address: str | None) -> int:
             print(f"robustness grid skipped: calray.robustness.run_grid unavailable ({e})", flush=True)
         else:
             try:
-                run_grid(sdir, plan.spec.robustness, address)
+                run_grid(sdir, plan.spec.robustness, address, quiet=quiet)
             except Exception as e:  # noqa: BLE001 - the sweep's outputs are already written
                 log.exception("robustness grid failed")
                 print(f"robustness grid failed: {type(e).__name__}: {e} (sweep outputs kept)", file=sys.stderr)

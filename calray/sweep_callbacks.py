@@ -1,7 +1,9 @@
-"""Ray-side pieces of the sweep: the manifest/progress Tune callback and the Optuna searcher.
+"""Ray-side pieces of the sweep: the manifest/progress Tune callback and the Optuna searcher, and
+the progress callback of the robustness retrains (both print through `TrialProgress`).
 
-Imported only when a sweep really runs (it imports Ray). Both classes are pickled into Ray's
-experiment state, so they hold plain data only and rebuild their counters in `setup`.
+Imported only when a sweep or a train+test grid really runs (it imports Ray). The classes are
+pickled into Ray's experiment state, so they hold plain data only and rebuild their counters in
+`setup`.
 """
 
 from __future__ import annotations
@@ -67,15 +69,23 @@ class CalOptunaSearch(OptunaSearch):  # noqa: D101
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
-class SweepCallback(Callback):
-    """Appends every trial event to the cell's manifest and prints progress a person can follow."""
+class TrialProgress(Callback):
+    """The per-trial progress line on the driver's console: the one implementation, shared by the
+    sweep's cells (`SweepCallback`) and the robustness retrains (`RetrainProgress`).
 
-    def __init__(self, manifest_path: str, cell_id: str, num_samples: int, metric: str, mode: str):
-        self.manifest_path = str(manifest_path)
-        self.cell_id = cell_id
+    Prints ``<head> | trial <id> <event>`` when a trial ends (TERMINATED with its numbers, PRUNED,
+    ERROR with the one-line error), is retried, and, when `announce_starts`, when it starts; plus
+    the head alone at most every `_interval()` seconds while results arrive (None: never).
+    Subclasses give the head, the quiet switch, the trial description and where a trial's run dir
+    is. Plain data only: Ray pickles callbacks into its experiment state; the counters (attributes
+    starting with ``_``) are rebuilt in `setup`.
+    """
+
+    announce_starts = True
+    line_metrics: tuple[str, ...] = ("test_acc",)  # shown for a TERMINATED trial
+
+    def __init__(self, num_samples: int):
         self.num_samples = num_samples
-        self.metric = metric
-        self.mode = mode
         self._reset()
 
     def _reset(self):
@@ -83,7 +93,6 @@ class SweepCallback(Callback):
         self._finished = 0
         self._failed = 0
         self._pruned = 0
-        self._best: tuple[float, str] | None = None
         self._last_print = 0.0
 
     def __getstate__(self):
@@ -93,52 +102,62 @@ class SweepCallback(Callback):
         self.__dict__.update(state)
         self._reset()
 
-    @property
-    def manifest(self) -> Manifest:
-        return Manifest(Path(self.manifest_path))
+    # ------------------------------------------------------------------ what subclasses decide
+
+    def _head(self) -> str:
+        return (f"trials {self._finished}/{self.num_samples} finished, {len(self._running)} running, "
+                f"{self._failed} failed, {self._pruned} pruned")
+
+    def _quiet(self) -> bool:
+        return False
+
+    def _interval(self) -> float | None:
+        return None
+
+    def _describe(self, trial) -> str:
+        return f"trial {trial.trial_id}"
+
+    def _run_dir(self, trial) -> Path | None:
+        cfg = trial.config or {}
+        if cfg.get("run_dir"):
+            return Path(cfg["run_dir"])
+        return Path(cfg["runs_root"]) / trial.trial_id if cfg.get("runs_root") else None
 
     # ------------------------------------------------------------------ Tune hooks
 
     def setup(self, **info):
         self._reset()
-        for t in self.manifest.finished().values():
-            self._count_end(t["trial_id"], t["status"], t.get("final"))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._running.add(trial.trial_id)
-        self.manifest.append({"ev": "start", "trial_id": trial.trial_id, "params": sampled_params(trial.config)})
-        self._print(f"trial {trial.trial_id} started {_fmt_params(sampled_params(trial.config))}", force=True)
+        if self.announce_starts:
+            self._print(f"{self._describe(trial)} started {_fmt_params(sampled_params(trial.config))}", force=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.manifest.append({"ev": "result", "trial_id": trial.trial_id, "metrics": clean_metrics(result)})
         self._print(None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         status = "TERMINATED" if last.get(FINAL_KEY) == 1 else "PRUNED"
-        self.manifest.append({"ev": "end", "trial_id": trial.trial_id, "status": status, "error": None})
         self._count_end(trial.trial_id, status, last)
-        extra = ""
         if status == "TERMINATED":
-            extra = f" {self.metric}={_num(last.get(self.metric))} test_acc={_num(last.get('test_acc'))}"
+            extra = "".join(f" {k}={_num(last.get(k))}" for k in self.line_metrics)
         else:
-            extra = f" at epoch {last.get('epochs_done', '?')} ({self.metric}={_num(last.get(self.metric))})"
-        self._print(f"trial {trial.trial_id} {status}{extra}", force=True)
+            key = self.line_metrics[0]
+            extra = f" at epoch {last.get('epochs_done', '?')} ({key}={_num(last.get(key))})"
+        self._print(f"{self._describe(trial)} {status}{extra}", force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        msg = self._error_message(trial)
-        self.manifest.append({"ev": "end", "trial_id": trial.trial_id, "status": "ERROR", "error": msg})
         self._count_end(trial.trial_id, "ERROR", None)
-        self._print(f"trial {trial.trial_id} ERROR: {msg}", force=True)
+        self._print(f"{self._describe(trial)} ERROR: {self._error_message(trial)}", force=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._print(f"trial {trial.trial_id} failed, retrying: {self._error_message(trial)}", force=True)
+        self._print(f"{self._describe(trial)} failed, retrying: {self._error_message(trial)}", force=True)
 
     # ------------------------------------------------------------------ helpers
 
     def _error_message(self, trial) -> str:
-        cfg = trial.config or {}
-        run_dir = cfg.get("run_dir") or (Path(cfg["runs_root"]) / trial.trial_id if cfg.get("runs_root") else None)
+        run_dir = self._run_dir(trial)
         if run_dir is not None:
             p = Path(run_dir) / "error.txt"
             if p.is_file():
@@ -156,6 +175,83 @@ class SweepCallback(Callback):
         self._finished += 1
         self._failed += status == "ERROR"
         self._pruned += status == "PRUNED"
+
+    def _print(self, event: str | None, force: bool = False):
+        if self._quiet():
+            return
+        now = time.time()
+        if not force:
+            interval = self._interval()
+            if interval is None or now - self._last_print < interval:
+                return
+        self._last_print = now
+        print(self._head() + (f" | {event}" if event else ""), flush=True)
+
+
+class SweepCallback(TrialProgress):
+    """Appends every trial event to the cell's manifest and prints progress a person can follow."""
+
+    def __init__(self, manifest_path: str, cell_id: str, num_samples: int, metric: str, mode: str):
+        self.manifest_path = str(manifest_path)
+        self.cell_id = cell_id
+        self.metric = metric
+        self.mode = mode
+        super().__init__(num_samples)
+
+    @property
+    def line_metrics(self) -> tuple[str, ...]:
+        return (self.metric, "test_acc")
+
+    def _reset(self):
+        super()._reset()
+        self._best: tuple[float, str] | None = None
+
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest(Path(self.manifest_path))
+
+    # display context lives in PROGRESS (see there), not in this pickled object
+    def _head(self) -> str:
+        best = f"best {self.metric} {self._best[0]:.4f} ({self._best[1]})" if self._best else "best -"
+        return (f"[cell {PROGRESS.get('cell_index', 0)}/{PROGRESS.get('n_cells', 0)} {self.cell_id}] "
+                f"{super()._head()} | {best}")
+
+    def _quiet(self) -> bool:
+        return bool(PROGRESS.get("quiet"))
+
+    def _interval(self) -> float | None:
+        return PROGRESS.get("interval_s", 30.0)
+
+    # ------------------------------------------------------------------ Tune hooks
+
+    def setup(self, **info):
+        super().setup(**info)
+        for t in self.manifest.finished().values():
+            self._count_end(t["trial_id"], t["status"], t.get("final"))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.manifest.append({"ev": "start", "trial_id": trial.trial_id, "params": sampled_params(trial.config)})
+        super().on_trial_start(iteration, trials, trial, **info)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.manifest.append({"ev": "result", "trial_id": trial.trial_id, "metrics": clean_metrics(result)})
+        super().on_trial_result(iteration, trials, trial, result, **info)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        status = "TERMINATED" if last.get(FINAL_KEY) == 1 else "PRUNED"
+        self.manifest.append({"ev": "end", "trial_id": trial.trial_id, "status": status, "error": None})
+        super().on_trial_complete(iteration, trials, trial, **info)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        msg = self._error_message(trial)
+        self.manifest.append({"ev": "end", "trial_id": trial.trial_id, "status": "ERROR", "error": msg})
+        super().on_trial_error(iteration, trials, trial, **info)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _count_end(self, trial_id: str, status: str, final: dict | None):
+        super()._count_end(trial_id, status, final)
         if status == "TERMINATED" and final:
             v = final.get(self.metric)
             if isinstance(v, (int, float)) and math.isfinite(v):
@@ -163,18 +259,43 @@ class SweepCallback(Callback):
                 if better:
                     self._best = (v, trial_id)
 
-    def _print(self, event: str | None, force: bool = False):
-        if PROGRESS.get("quiet"):
-            return
-        now = time.time()
-        if not force and now - self._last_print < PROGRESS.get("interval_s", 30.0):
-            return
-        self._last_print = now
-        best = f"best {self.metric} {self._best[0]:.4f} ({self._best[1]})" if self._best else "best -"
-        head = (f"[cell {PROGRESS.get('cell_index', 0)}/{PROGRESS.get('n_cells', 0)} {self.cell_id}] "
-                f"trials {self._finished}/{self.num_samples} finished, {len(self._running)} running, "
-                f"{self._failed} failed, {self._pruned} pruned | {best}")
-        print(head + (f" | {event}" if event else ""), flush=True)
+
+class RetrainProgress(TrialProgress):
+    """Progress of calray.robustness's train+test retrains: one line per retrain as it ends.
+
+    The trials are Tune's grid over plan indices (``config["index"]``); `labels` and `run_dirs`
+    name each index's retrain. `quiet` comes from the caller (``--quiet``), not from PROGRESS.
+    """
+
+    announce_starts = False  # a retrain's parameters are in its label, shown when it ends
+    line_metrics = ("test_acc", "test_macro_f1")
+
+    def __init__(self, labels: list[str], run_dirs: list[str], title: str = "robustness train+test",
+                 quiet: bool = False):
+        self.labels = list(labels)
+        self.run_dirs = [str(d) for d in run_dirs]
+        self.title = title
+        self.quiet = quiet
+        super().__init__(len(self.labels))
+
+    def _index(self, trial) -> int | None:
+        idx = (trial.config or {}).get("index")
+        return idx if isinstance(idx, int) and 0 <= idx < len(self.labels) else None
+
+    def _head(self) -> str:
+        return (f"[{self.title}] retrains {self._finished}/{self.num_samples} finished, "
+                f"{len(self._running)} running, {self._failed} failed")
+
+    def _quiet(self) -> bool:
+        return self.quiet
+
+    def _describe(self, trial) -> str:
+        idx = self._index(trial)
+        return f"trial {trial.trial_id}" + ("" if idx is None else f" ({self.labels[idx]})")
+
+    def _run_dir(self, trial) -> Path | None:
+        idx = self._index(trial)
+        return None if idx is None else Path(self.run_dirs[idx])
 
 
 def _num(v) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from calray.checkpoint import atomic_write_bytes, atomic_write_text
 from calray.sweep_config import Cell, SweepPlan
 from calray.trial import FINAL_KEY, TIME_ATTR, read_metrics, resolve_run_config
 
@@ -207,11 +208,8 @@ def best_run_config(cell: Cell, params: dict, sweep_dir: Path) -> dict:
 
 
 def write_best_config(path: Path, tree: dict, header: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = yaml.safe_dump(tree, sort_keys=False)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text("".join(f"# {line}\n" for line in header.splitlines()) + body)
-    tmp.replace(path)
+    atomic_write_text(path, "".join(f"# {line}\n" for line in header.splitlines()) + body)
 
 
 def cell_record(plan: SweepPlan, cell: Cell, sweep_dir: Path) -> tuple[dict, list[dict]]:
@@ -260,7 +258,7 @@ def write_outputs(plan: SweepPlan, sweep_dir: Path, cells: list[Cell] | None = N
         rec, cell_rows = cell_record(plan, cell, sweep_dir)
         records.append(rec)
         rows.extend(cell_rows)
-    _atomic_text(sweep_dir / "cells.json", json.dumps(records, indent=2, default=_json_default) + "\n")
+    atomic_write_text(sweep_dir / "cells.json", json.dumps(records, indent=2, default=_json_default) + "\n")
     df = pd.DataFrame(rows, columns=_columns(rows))
     _write_table(df, sweep_dir)
     return records
@@ -292,20 +290,9 @@ def _write_table(df, sweep_dir: Path) -> None:
             kinds = {type(v) for v in df[col] if v is not None and not (isinstance(v, float) and math.isnan(v))}
             if len(kinds) > 1:
                 df[col] = df[col].map(lambda v: None if v is None else str(v))
-    tmp = sweep_dir / "trials.parquet.tmp"
     try:
-        df.to_parquet(tmp, index=False)
+        atomic_write_bytes(sweep_dir / "trials.parquet", lambda f: df.to_parquet(f, index=False))
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         df = df.astype({c: str for c in df.columns if df[c].dtype == object})
-        df.to_parquet(tmp, index=False)
-    tmp.replace(sweep_dir / "trials.parquet")
-    tmp = sweep_dir / "trials.csv.tmp"
-    df.to_csv(tmp, index=False)
-    tmp.replace(sweep_dir / "trials.csv")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+        atomic_write_bytes(sweep_dir / "trials.parquet", lambda f: df.to_parquet(f, index=False))
+    atomic_write_bytes(sweep_dir / "trials.csv", lambda f: f.write(df.to_csv(index=False).encode()))

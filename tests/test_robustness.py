@@ -115,3 +115,35 @@ def test_train_test_retrains_as_ray_tune_trials(run_dir, ray_session):
     # a second call reuses the finished retrain instead of training again
     again = run_grid(run_dir, grid)
     assert again.loc[again["mode"] == "train+test", "acc"].tolist() == [row["acc"]]
+
+
+def test_train_test_retrains_print_one_line_each_and_no_tune_tables(tmp_path, ray_session, capfd, monkeypatch):
+    """Tune's "== Status ==" tables are off; one progress line per retrain as it ends; --quiet: none."""
+    cfg = config_from_dict(tiny_run_dict(tmp_path, optim={"epochs": 1}), "tiny")
+    train(cfg)
+    target = cfg.run_dir()
+    capfd.readouterr()
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "0")  # Tune's classic reporter, as calray.sweep's driver sets it
+    run_grid(target, {"kinds": ["gaussian"], "eps": [0, 5], "modes": ["train+test"], "train_seeds": [7],
+                      "noise_seeds": 1, "epochs": 1})
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "== Status ==" not in text and "Trial status" not in text
+    progress = [ln for ln in out.out.splitlines() if ln.startswith("[robustness train+test] retrains ")]
+    assert len(progress) == 2, progress
+    for label in ("tiny none eps=0 train seed 7", "tiny gaussian eps=5 train seed 7"):
+        assert sum(re.search(rf"\| trial \S+ \({re.escape(label)}\) TERMINATED test_acc=0\.\d{{4}} "
+                             rf"test_macro_f1=\d\.\d{{4}}$", ln) is not None for ln in progress) == 1, progress
+    assert progress[-1].startswith("[robustness train+test] retrains 2/2 finished, 0 running, 0 failed | ")
+
+    # --quiet through the CLI, with Tune's default (new) output engine: no line per retrain either
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT")
+    assert main([str(target), "--modes", "train+test", "--kinds", "gaussian", "--eps", "5", "--train-seeds", "1",
+                 "--noise-seeds", "1", "--epochs", "1", "--quiet"]) == 0
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "== Status ==" not in text and "Trial status" not in text
+    assert "[robustness train+test]" not in text and "train seed 0: acc" not in text
+    assert "1 to run as Ray Tune trials" in out.out and "robustness.csv" in out.out
+    rows = pd.read_csv(target / "robustness.csv")
+    assert rows["seed"].tolist() == [0]  # one retrain (--train-seeds 1: seed 0), rows of (tiny, train+test) redone

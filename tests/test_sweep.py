@@ -130,6 +130,70 @@ def test_same_trial_config_and_seed_gives_same_metrics(tmp_path):
     assert resolved.method.T == 2.0 and resolved.method.n == 1
 
 
+def _fake_trial(trial_id: str, config: dict, last_result: dict | None = None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(trial_id=trial_id, config=config, last_result=last_result, error_file=None)
+
+
+def test_progress_lines_of_sweep_trials_and_robustness_retrains(tmp_path, capsys, monkeypatch):
+    """One progress-line implementation: the sweep's cell line, the retrains' line, and their quiet switches."""
+    pytest.importorskip("ray")
+    from calray import sweep_callbacks
+    from calray.sweep_callbacks import RetrainProgress, SweepCallback
+
+    monkeypatch.setattr(sweep_callbacks, "PROGRESS", {**sweep_callbacks.PROGRESS, "cell_index": 1, "n_cells": 2,
+                                                      "quiet": False, "interval_s": 30.0})
+    cb = SweepCallback(tmp_path / "manifest" / "c.jsonl", "c", 3, "val_acc", "max")
+    cb.setup()
+    t1 = _fake_trial("t1", {"method.T": 2.0, "run_dir": str(tmp_path / "t1")})
+    cb.on_trial_start(0, [], t1)
+    cb.on_trial_complete(0, [], _fake_trial("t1", t1.config, {FINAL_KEY: 1, "val_acc": 0.5, "test_acc": 0.25}))
+    (tmp_path / "t2").mkdir()
+    (tmp_path / "t2" / "error.txt").write_text("TrainingError: non-finite loss\n")
+    cb.on_trial_error(0, [], _fake_trial("t2", {"run_dir": str(tmp_path / "t2")}))
+    assert capsys.readouterr().out.splitlines() == [
+        "[cell 1/2 c] trials 0/3 finished, 1 running, 0 failed, 0 pruned | best - | trial t1 started method.T=2",
+        "[cell 1/2 c] trials 1/3 finished, 0 running, 0 failed, 0 pruned | best val_acc 0.5000 (t1) | "
+        "trial t1 TERMINATED val_acc=0.5000 test_acc=0.2500",
+        "[cell 1/2 c] trials 2/3 finished, 0 running, 1 failed, 0 pruned | best val_acc 0.5000 (t1) | "
+        "trial t2 ERROR: TrainingError: non-finite loss"]
+    assert [e["ev"] for e in cb.manifest.events()] == ["start", "end", "end"]
+    sweep_callbacks.PROGRESS["quiet"] = True
+    cb.on_trial_start(0, [], _fake_trial("t3", {}))
+    assert capsys.readouterr().out == ""
+
+    for quiet in (False, True):
+        rp = RetrainProgress(["tiny none eps=0 train seed 0", "tiny gaussian eps=5 train seed 0"],
+                             [tmp_path / "a", tmp_path / "b"], quiet=quiet)
+        rp.setup()
+        for i in range(2):
+            trial = _fake_trial(f"r{i}", {"index": i})
+            rp.on_trial_start(0, [], trial)
+            rp.on_trial_result(0, [], trial, {FINAL_KEY: 0})
+            trial.last_result = {FINAL_KEY: 1, "test_acc": 0.5, "test_macro_f1": 0.25}
+            rp.on_trial_complete(0, [], trial)
+        lines = capsys.readouterr().out.splitlines()
+        assert lines == ([] if quiet else [
+            "[robustness train+test] retrains 1/2 finished, 0 running, 0 failed | "
+            "trial r0 (tiny none eps=0 train seed 0) TERMINATED test_acc=0.5000 test_macro_f1=0.2500",
+            "[robustness train+test] retrains 2/2 finished, 0 running, 0 failed | "
+            "trial r1 (tiny gaussian eps=5 train seed 0) TERMINATED test_acc=0.5000 test_macro_f1=0.2500"])
+
+
+def test_sweep_quiet_reaches_the_robustness_stage(tmp_path, monkeypatch):
+    from calray import report, robustness
+    from calray.sweep import finish_hooks
+
+    plan = load_sweep(write_sweep(tmp_path, "rob", robustness={"modes": ["train+test"], "eps": [5]}))
+    calls = []
+    monkeypatch.setattr(robustness, "run_grid", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr(report, "write_report", lambda sdir: None)
+    for quiet in (True, False):
+        assert finish_hooks(plan, tmp_path, None, quiet=quiet) == 0
+    assert [kw.get("quiet") for kw in calls] == [True, False]
+
+
 # ---------------------------------------------------------------- on a local Ray
 
 
