@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 AIB_MODES = ("beta", "inv_beta", "mi", "mx", "mx_mi", "off")
+AIB_PLACEMENTS = ("eq19", "eq20")  # where β_m multiplies: I(Z;X) (eq 19) or I(Z;Y) (eq 20)
 MIN_BETA = 0.01  # floor for β before 1/β (inv_beta): caps that weight at 100
 
 
@@ -59,7 +60,8 @@ def compression_factors(a: dict[str, float]) -> dict[str, float]:
 
 
 def aib_weights(a: dict[str, float], mode: str) -> dict[str, float]:
-    """The weight multiplying I(Z_m; Y) in eq 20 for each *included* modality (Table IV modes).
+    """The weight w_m of each *included* modality in L_AIB (Table IV modes); `aib_loss` places it on
+    I(Z_m;X_m) (eq 19) or I(Z_m;Y) (eq 20).
 
     beta: β_m (eq 17); inv_beta: 1/β_m (β floored at MIN_BETA); mi: only the lowest-contribution
     modality, unweighted (1.0); mx: only the highest, unweighted; mx_mi: both, unweighted; off: none.
@@ -82,13 +84,26 @@ def aib_weights(a: dict[str, float], mode: str) -> dict[str, float]:
 
 
 def aib_loss(kl: dict[str, torch.Tensor], ce: dict[str, torch.Tensor], h_y: float,
-             weights: dict[str, float]) -> torch.Tensor:
-    """Eq 20: L_AIB = Σ_m −log σ(w_m·I(Z_m;Y) − I(Z_m;X_m)) = Σ_m softplus(I(Z_m;X_m) − w_m·I(Z_m;Y)).
+             weights: dict[str, float], placement: str = "eq19") -> torch.Tensor:
+    """L_AIB = Σ_m −log σ(·) over the modalities in `weights` (see `aib_weights`); 0 when it is empty.
 
     kl[m]: the I(Z_m;X_m) bound; ce[m]: CE of modality m's head on z_m, giving I(Z_m;Y) ≥ H(Y) − ce[m].
-    Sum over the modalities in `weights` (see `aib_weights`); 0 when it is empty.
+    The paper places the weight w_m (β_m in mode `beta`) in two different spots:
+    - `eq19` (default): on the compression term, as eq 19 writes the objective
+      (β_m·I(Z_m;X_m) − I(Z_m;Y)) in eq 20's log-sigmoid form:
+      Σ_m −log σ(I(Z_m;Y) − w_m·I(Z_m;X_m)) = Σ_m softplus(w_m·KL_m − (H(Y) − CE_m)).
+      A less contributing modality (larger β) is pushed harder toward a small KL — what the prose says
+      ("modalities with lower contribution undergo stronger compression").
+    - `eq20`: on the relevance term, as eq 20 is printed:
+      Σ_m −log σ(w_m·I(Z_m;Y) − I(Z_m;X_m)) = Σ_m softplus(KL_m − w_m·(H(Y) − CE_m)). With a near one-hot
+      a, the dominant modality (β ≈ 0) gets pure softplus(KL): it is compressed hardest.
     """
-    terms = [F.softplus(kl[m] - w * (h_y - ce[m])) for m, w in weights.items()]
+    if placement not in AIB_PLACEMENTS:
+        raise ValueError(f"unknown AIB placement {placement!r}; known: {AIB_PLACEMENTS}")
+    if placement == "eq19":
+        terms = [F.softplus(w * kl[m] - (h_y - ce[m])) for m, w in weights.items()]
+    else:
+        terms = [F.softplus(kl[m] - w * (h_y - ce[m])) for m, w in weights.items()]
     if not terms:
         ref = next(iter(kl.values()))
         return ref.new_zeros(())

@@ -69,6 +69,10 @@ class MethodConfig(Strict):
     phi_ablation: Literal["zero", "mean"] = "zero"  # eq 8: how modality m is removed
     mi_shrinkage: float = Field(1e-3, ge=0.0)  # eq 5: Σ ← (1−s)Σ + s·tr(Σ)/d·I
     aib: Literal["beta", "inv_beta", "mi", "mx", "mx_mi", "off"] = "beta"  # Table IV
+    # where β_m acts: on I(Z;X) as eq 19 (default: weak modalities compressed more, as the prose
+    # says) or on I(Z;Y) as eq 20 is printed (the dominant one compressed hardest); docs/METHOD.md
+    aib_placement: Literal["eq19", "eq20"] = "eq19"
+    beta_T: float | None = Field(None, ge=0.0)  # β = 1 − softmax(beta_T·W) (eq 17); None: the modulation's T
     latent_dim: int | None = None  # AIB latent size (default: the embedding size)
     unimodal_weight: float = Field(1.0, ge=0.0)  # eq 21: weight of Σ_m CE(p^m, y)
     warmup_epochs: int = Field(0, ge=0)  # epochs trained with no modulation
@@ -111,6 +115,16 @@ class MethodConfig(Strict):
         return self
 
 
+class ModalityOptimConfig(Strict):
+    """One modality's optimiser group (`optim.per_modality.<m>`); unset keys follow the default group."""
+
+    name: Literal["sgd", "adam", "adamw"] | None = None
+    lr: float | None = Field(None, gt=0.0)
+    weight_decay: float | None = Field(None, ge=0.0)
+    momentum: float | None = Field(None, ge=0.0)
+    betas: tuple[float, float] | None = None
+
+
 class OptimConfig(Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(1e-3, gt=0.0)
@@ -129,6 +143,9 @@ class OptimConfig(Strict):
     grad_clip: float | None = Field(None, gt=0.0)
     grad_accum: int = Field(1, ge=1)  # optimizer step every k batches (QMF: batch 16 × 40 for MVSA)
     early_stop_patience: int | None = Field(None, ge=1)  # epochs without val improvement
+    # modality → its own optimiser settings for its encoder (+ AIB head); shared parameters and
+    # unlisted modalities use the settings above (calray/optim.py)
+    per_modality: dict[str, ModalityOptimConfig] = Field(default_factory=dict)
 
 
 class RuntimeConfig(Strict):

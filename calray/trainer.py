@@ -31,6 +31,7 @@ from calray.data.batched import batched_loader
 from calray.errors import TrainingError
 from calray.metrics import EvalStats
 from calray.models import MultimodalModel, build_model
+from calray.optim import adaptive_modulation_warnings, build_optimizer, build_scheduler
 from calray.modulation import GradientModulator, contribution_softmax
 from calray.resume import check_resumable
 from calray.runinfo import environment, rng_state, seed_everything, set_rng_state
@@ -79,16 +80,6 @@ def to_device(x, device: torch.device, channels_last: bool = False):
     return x
 
 
-def linear_warmup_factor(u: int, total: int, warmup: float) -> float:
-    """lr factor of optimizer update u (0-based) of `total`: u/(w·U) while u < w·U, then
-    (U − u)/(U − w·U), 0 from U on — pytorch_pretrained_bert 0.6's warmup_linear (BertAdam) and
-    transformers' get_linear_schedule_with_warmup with a fractional w·U."""
-    progress = u / total
-    if progress < warmup:
-        return progress / warmup
-    return max(0.0, (1.0 - progress) / (1.0 - warmup))
-
-
 def unwrap(model: nn.Module) -> MultimodalModel:
     return model.module if hasattr(model, "module") else model
 
@@ -113,7 +104,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.raw_model = model
         self.model = self.ctx.wrap_model(model) if self.ctx.wrap_model else model
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(cfg.optim, self.raw_model, self.modalities)
+        self.warnings = adaptive_modulation_warnings(cfg, self.modalities)  # env.json and the log, once
 
         m = cfg.method
         self.tracker = ContributionTracker(self.modalities, m.contribution, m.n, m.mi_shrinkage)
@@ -131,8 +123,10 @@ class Trainer:
         self.test_loader = self._loader(self.splits.test, train=False)
         # after the loaders: a per-update schedule needs the number of updates
         self.per_update_scheduler = cfg.optim.scheduler == "linear_warmup"
-        self.scheduler = self._build_scheduler()
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_updates())
 
+        self.part_sums: torch.Tensor | None = None  # per-epoch sums of the loss terms (train_epoch)
+        self.part_names: list[str] = []
         self.start_epoch = 0
         self.started_at: float | None = None  # unix time fit() began (summary.json)
         self.best_val = -math.inf
@@ -140,34 +134,6 @@ class Trainer:
         self.epochs_since_best = 0
 
     # ------------------------------------------------------------------ construction
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        if o.name == "sgd":
-            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        if o.name == "adam":
-            return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-
-    def _build_scheduler(self):
-        o = self.cfg.optim
-        opt = self.optimizer
-        if o.scheduler == "step":
-            return torch.optim.lr_scheduler.StepLR(opt, o.step_size, o.gamma)
-        if o.scheduler == "multistep":
-            return torch.optim.lr_scheduler.MultiStepLR(opt, o.milestones, o.gamma)
-        if o.scheduler == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o.epochs)
-        if o.scheduler == "plateau":
-            return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=o.gamma,
-                                                              patience=o.plateau_patience)
-        if o.scheduler == "linear_warmup":
-            # stepped after every optimizer update (train_step); a plain function, so the
-            # checkpoint stores only last_epoch (= updates done) and U always comes from the config
-            total, w = self.total_updates(), o.warmup_proportion
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda u: linear_warmup_factor(u, total, w))
-        return None
 
     def batches_per_epoch(self) -> int:
         """Training batches one epoch runs: the loader's length, capped by max_steps_per_epoch."""
@@ -219,9 +185,10 @@ class Trainer:
         parts = {"loss_fused": loss_fused.detach(), "loss_unimodal": sum(ce.values()).detach()}
         if out.mu:
             kl = {k: kl_to_standard_normal(out.mu[k].float(), out.logvar[k].float()) for k in out.mu}
-            l_aib = aib_loss(kl, ce, self.h_y, aib_weights(self.a_aib, m.aib))
+            l_aib = aib_loss(kl, ce, self.h_y, aib_weights(self.a_aib, m.aib), m.aib_placement)
             loss = loss + m.lambda_ * l_aib
             parts["loss_aib"] = l_aib.detach()
+            parts.update({f"aib_kl_{k}": v.detach() for k, v in kl.items()})  # who is compressed
         return out, loss, parts
 
     def _reps(self, out):
@@ -238,7 +205,8 @@ class Trainer:
         stats = self.epoch_stats if end_of_epoch else self.window
         c = self.tracker.compute(stats, end_of_epoch)
         a = self.modulator.refresh(c.W)
-        self.a_aib = contribution_softmax(c.W, self.cfg.method.T)
+        m = self.cfg.method
+        self.a_aib = contribution_softmax(c.W, m.T if m.beta_T is None else m.beta_T)
         self.beta = compression_factors(self.a_aib)
         if self.cfg.distributed.check_consistency:
             from calray.distributed import assert_ranks_agree
@@ -261,6 +229,9 @@ class Trainer:
             out, loss, parts = self._forward_loss(inputs, labels)
             self._check_finite((torch.isfinite(loss.detach()), loss.detach(), parts, epoch, step))
             (loss / self.cfg.optim.grad_accum).backward()
+        part_values = torch.stack(list(parts.values())) * len(labels)
+        self.part_sums = part_values if self.part_sums is None else self.part_sums + part_values
+        self.part_names = list(parts)
         if update:
             # eq 14 is linear in the gradient, so scaling the accumulated sum = scaling each part
             self.modulator.apply(self.raw_model, epoch, out.unimodal_logits, labels)
@@ -296,6 +267,7 @@ class Trainer:
         self.window.reset()
         self.epoch_stats.reset()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.part_sums, self.part_names = None, []
         seen = 0
         limit = cfg.runtime.max_steps_per_epoch
         total = self.batches_per_epoch()
@@ -321,19 +293,25 @@ class Trainer:
         stats = self.epoch_stats
         n_seen = self._all_reduce_scalar(torch.tensor(float(seen), dtype=torch.float64, device=self.device))
         row = {"train_loss": self._all_reduce_scalar(loss_sum) / max(n_seen, 1.0), "train_samples": int(n_seen)}
+        if self.part_sums is not None:  # epoch means of the loss terms: train_loss_fused, train_aib_kl_<m>, ...
+            sums = self._all_reduce_tensor(self.part_sums.double())
+            row.update({f"train_{k}": float(v) / max(n_seen, 1.0) for k, v in zip(self.part_names, sums)})
         if self.track:
             row["train_acc"] = stats.fused_accuracy()
             row.update({f"train_acc_{m}": v for m, v in stats.unimodal_accuracy().items()})
         row.update(contrib)
         return row
 
-    def _all_reduce_scalar(self, t: torch.Tensor) -> float:
+    def _all_reduce_tensor(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             t = t.clone()
             dist.all_reduce(t)
-        return float(t)
+        return t
+
+    def _all_reduce_scalar(self, t: torch.Tensor) -> float:
+        return float(self._all_reduce_tensor(t))
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader) -> dict:
@@ -386,13 +364,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
-            if self.per_update_scheduler:
-                # the lr of update u from this config's U (a no-op when the config is unchanged;
-                # with a changed optim.epochs the schedule continues on the new U from u)
-                u = self.scheduler.last_epoch
-                for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                               self.scheduler.lr_lambdas):
-                    group["lr"] = base * factor(u)
         self.tracker.load_state_dict(state["tracker"])
         self.modulator.load_state_dict(state["modulator"])
         self.a_aib = dict(state["a_aib"])
@@ -418,7 +389,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
         write_json(self.run_dir / "env.json", {**environment(self.device), "seeds": {
-            "runtime": self.cfg.runtime.seed, "data": self.cfg.data.seed, "noise": self.cfg.noise.seed}})
+            "runtime": self.cfg.runtime.seed, "data": self.cfg.data.seed, "noise": self.cfg.noise.seed},
+            "warnings": self.warnings})
         info = {"dataset": self.cfg.data.dataset, "modalities": self.modalities,
                 "num_classes": self.splits.num_classes, "class_names": self.splits.class_names,
                 "sizes": {s: len(getattr(self.splits, s)) for s in ("train", "val", "test")}, **self.splits.info}
@@ -441,12 +413,16 @@ class Trainer:
         if self.ctx.is_main:
             self._write_run_files()
             self._truncate_metrics(self.start_epoch)
+            for w in self.warnings:
+                print(f"warning: {w}", file=sys.stderr, flush=True)
         t_start = self.started_at = time.time()
         stopped_early = False
         epoch = self.start_epoch - 1
         for epoch in range(self.start_epoch, cfg.optim.epochs):
             t0 = time.time()
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+            if cfg.optim.per_modality:
+                row.update({f"lr_{g}": lr for g, lr in self.optimizer.group_lrs().items()})
             row.update(self.train_epoch(epoch))
             row["train_time_s"] = time.time() - t0  # training alone: samples/s without evaluation
             val = self.evaluate(self.val_loader)
@@ -457,10 +433,7 @@ class Trainer:
             else:
                 self.epochs_since_best += 1
             if self.scheduler is not None and not self.per_update_scheduler:  # per update: train_step
-                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    self.scheduler.step(val["acc"])
-                else:
-                    self.scheduler.step()
+                self.scheduler.step(val["acc"])
             row["best_val_acc"] = self.best_val
             row["time_s"] = time.time() - t0
             patience = cfg.optim.early_stop_patience

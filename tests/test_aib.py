@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from calray.aib import (
@@ -58,27 +59,58 @@ def test_aib_modes_select_the_right_modalities():
     assert aib_weights(skew, "inv_beta")["y"] == pytest.approx(1 / 0.9999)
 
 
-def test_aib_loss_matches_hand_computation():
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("placement", ["eq19", "eq20"])
+def test_aib_loss_matches_hand_computation(placement):
     kl = {"a": torch.tensor(0.8, requires_grad=True), "b": torch.tensor(2.5, requires_grad=True)}
     ce = {"a": torch.tensor(0.4, requires_grad=True), "b": torch.tensor(1.6, requires_grad=True)}
     h_y = math.log(6)
     w = {"a": 0.3, "b": 0.7}
-    loss = aib_loss(kl, ce, h_y, w)
-    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    expected = 0.0
+    loss = aib_loss(kl, ce, h_y, w, placement)
+    expected, arg = 0.0, {}
     for m, (k, c) in {"a": (0.8, 0.4), "b": (2.5, 1.6)}.items():
         i_zy = h_y - c
-        expected += -math.log(sigmoid(w[m] * i_zy - k))  # eq 20 as printed
+        if placement == "eq19":  # −log σ(I(Z;Y) − β·I(Z;X))
+            arg[m] = i_zy - w[m] * k
+        else:  # eq 20 as printed: −log σ(β·I(Z;Y) − I(Z;X))
+            arg[m] = w[m] * i_zy - k
+        expected += -math.log(sigmoid(arg[m]))
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
     loss.backward()
-    # d/dKL softplus(KL − w·(H − CE)) = σ(KL − w·(H − CE)); d/dCE = w·σ(·)
-    s_a = sigmoid(0.8 - 0.3 * (h_y - 0.4))
-    assert float(kl["a"].grad) == pytest.approx(s_a, rel=1e-6)
-    assert float(ce["a"].grad) == pytest.approx(0.3 * s_a, rel=1e-6)
-    # only the modalities in `weights` contribute
-    only_a = aib_loss(kl, ce, h_y, {"a": 0.3})
-    assert float(only_a.detach()) == pytest.approx(-math.log(sigmoid(0.3 * (h_y - 0.4) - 0.8)), rel=1e-6)
-    assert float(aib_loss(kl, ce, h_y, {}).detach()) == 0.0
+    # d/dKL −log σ(x) = −σ(−x)·dx/dKL; eq 19: dx/dKL = −w, dx/dCE = −1; eq 20: dx/dKL = −1, dx/dCE = −w
+    s_a = sigmoid(-arg["a"])
+    dkl, dce = (w["a"], 1.0) if placement == "eq19" else (1.0, w["a"])
+    assert float(kl["a"].grad) == pytest.approx(dkl * s_a, rel=1e-6)
+    assert float(ce["a"].grad) == pytest.approx(dce * s_a, rel=1e-6)
+    only_a = aib_loss(kl, ce, h_y, {"a": 0.3}, placement)
+    assert float(only_a.detach()) == pytest.approx(-math.log(sigmoid(arg["a"])), rel=1e-6)
+    assert float(aib_loss(kl, ce, h_y, {}, placement).detach()) == 0.0
+    with pytest.raises(ValueError):
+        aib_loss(kl, ce, h_y, w, "eq21")
+
+
+@pytest.mark.parametrize("placement,harder", [("eq19", "weak"), ("eq20", "dominant")])
+def test_placement_decides_which_modality_is_compressed_harder(placement, harder):
+    """Same KL and CE for both modalities, a = (0.9, 0.1): ∂L/∂KL_m is the pull toward compression.
+    eq 19 pulls the weak modality (β = 0.9) harder, eq 20 the dominant one (β = 0.1)."""
+    a = {"dominant": 0.9, "weak": 0.1}
+    kl = {m: torch.tensor(1.5, requires_grad=True) for m in a}
+    ce = {m: torch.tensor(1.0) for m in a}
+    aib_loss(kl, ce, math.log(4), aib_weights(a, "beta"), placement).backward()
+    other = "dominant" if harder == "weak" else "weak"
+    assert float(kl[harder].grad) > float(kl[other].grad) > 0
+
+
+def test_default_placement_is_eq19():
+    from calray.config import MethodConfig
+
+    assert MethodConfig().aib_placement == "eq19"
+    kl = {"x": torch.tensor(1.0)}
+    ce = {"x": torch.tensor(0.5)}
+    assert float(aib_loss(kl, ce, 1.0, {"x": 0.2})) == pytest.approx(float(F.softplus(torch.tensor(0.2 - 0.5))))
 
 
 def test_label_entropy():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from calray.config import load_config
-from calray.trainer import train
+from calray.trainer import Trainer, train
 from tests.fixtures_data import make_ave, make_cremad, make_ks, make_mvsa, make_nyud2, make_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -62,3 +62,16 @@ def test_config_trains_one_epoch(tmp_path, name, attacked):
     noise = info["noise"]
     assert noise["test"]["active"] is attacked
     assert noise["train"]["active"] is (attacked and ATTACKS[name]["mode"] == "train+test")
+
+
+@pytest.mark.parametrize("preset,layout", [("nyud2_paper", "nyud2"), ("mvsa_paper", "mvsa")])
+def test_paper_optimiser_presets_train_one_epoch(tmp_path, preset, layout):
+    """configs/<set>_paper.yaml: the paper's SGD for images (and Adam for text) as optimiser groups."""
+    cfg = load_config(CONFIGS / f"{preset}.yaml", fixture_overrides(layout, tmp_path))
+    trainer = Trainer(cfg)
+    kinds = {type(o).__name__ for o in trainer.optimizer.optimizers}
+    assert kinds == ({"SGD", "Adam"} if layout == "mvsa" else {"SGD"})
+    summary = trainer.fit()
+    assert 0.0 <= summary["test_acc"] <= 1.0
+    warnings = json.loads((cfg.run_dir() / "env.json").read_text())["warnings"]
+    assert [("'text'" in w) for w in warnings] == ([True] if layout == "mvsa" else [])

@@ -112,7 +112,7 @@ def warmup_lr(u, U, w, lr):
 def record_updates(trainer):
     """The lr each optimizer.step() call runs with, one entry per call."""
     lrs = []
-    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    trainer.optimizer.optimizers[0].register_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
     return lrs
 
 
