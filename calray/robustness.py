@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from calray.config import RunConfig, config_from_dict, load_config, read_yaml, validation_error_message
 from calray.errors import CalrayError, ConfigError
+from calray.resume import check_resumable
 
 KINDS = ("gaussian", "salt_pepper")
 MODES = ("test", "train+test")
@@ -451,6 +452,9 @@ def evaluate_train_test_grid(targets: list[Target], spec: GridSpec, out_dir: Pat
                              address: str | None = None, quiet: bool = False) -> list[dict]:
     plans = [p for t in targets for p in plan_retrains(t, spec, out_dir)]
     todo = [p for p in plans if _finished_summary(p) is None]
+    for plan in todo:  # a retrain dir left by a different config is refused before Ray starts
+        if plan.config["runtime"]["resume"]:
+            check_resumable(plan.run_dir, config_from_dict(plan.config).to_dict())
     _say(f"train+test: {len(plans)} retrains ({len(plans) - len(todo)} already finished, reused); "
          f"{len(todo)} to run as Ray Tune trials")
     errors: dict[int, str] = {}

@@ -39,6 +39,7 @@ from calray.sampling import ShardedSampler
 
 Reporter = Callable[[dict, "Path | None"], None]
 STATS_FLUSH_EVERY = 16  # contribution statistics are accumulated in batches of this many steps
+AIB_KL_EXPLODED = 1e6  # nats: an AIB KL above this at a non-finite loss is named in the error
 
 
 @dataclass
@@ -255,10 +256,15 @@ class Trainer:
             return
         finite, loss, parts, epoch, step = pending
         if not bool(finite):
+            exploded = [k[len("aib_kl_"):] for k, v in parts.items()
+                        if k.startswith("aib_kl_") and not float(v) < AIB_KL_EXPLODED]
+            hint = "lower optim.lr or enable optim.grad_clip"
+            if exploded:  # β_m ≈ 0 leaves modality m's latent uncompressed (eq 19 placement)
+                hint = (f"the AIB latent of {', '.join(exploded)} diverged (KL unbounded): {hint}, or soften β "
+                        f"with a smaller method.beta_T (β_m ≈ 0 removes eq 19's compression of m)")
             raise TrainingError(
                 f"non-finite loss ({float(loss)}) at epoch {epoch}, step {step} "
-                f"({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); "
-                f"lower optim.lr or enable optim.grad_clip")
+                f"({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); {hint}")
 
     def train_epoch(self, epoch: int) -> dict:
         cfg = self.cfg

@@ -48,7 +48,7 @@ VARIANTS: dict[str, dict] = {
     "none_no_aib": {"strategy": "none", "aib": "off"},
     "none_fused_ce": {"strategy": "none", "aib": "off", "unimodal_weight": 0},
 }
-TRAJ_KEYS = ("W", "a", "beta", "R", "P", "phi", "I", "D")
+TRAJ_KEYS = ("W", "a", "beta", "R", "P", "phi", "I", "D", "train_aib_kl")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     import torch
 
     from calray.config import load_config
+    from calray.errors import TrainingError
     from calray.trainer import train
 
     torch.set_num_threads(args.threads)
@@ -94,7 +95,13 @@ def main(argv=None) -> int:
                 overrides.append(f"optim.epochs={args.epochs}")
             cfg = load_config(args.config, overrides)
             t0 = time.time()
-            summary = train(cfg)
+            try:
+                summary = train(cfg)
+            except TrainingError as e:  # a diverged run is a result, not a crash of the comparison
+                records.append({"variant": variant, "strategy": cfg.method.strategy, "aib": cfg.method.aib,
+                                "seed": seed, "status": "diverged", "error": str(e), "time_s": time.time() - t0})
+                print(f"{variant:12s} seed {seed}: DIVERGED ({e})", flush=True)
+                continue
             modalities = summary["modalities"]
             test = summary["test"]
             rec = {"variant": variant, "strategy": cfg.method.strategy, "aib": cfg.method.aib,
@@ -102,20 +109,26 @@ def main(argv=None) -> int:
                    "test_acc": test["acc"], "test_macro_f1": test["macro_f1"],
                    **{f"test_acc_{m}": test[f"acc_{m}"] for m in modalities},
                    "best_epoch": summary["best_epoch"], "best_val_acc": summary["best_val_acc"],
-                   "time_s": time.time() - t0}
-            records.append(rec)
+                   "status": "ok", "time_s": time.time() - t0}
             rows = [json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines() if line]
+            rec.update({f"aib_kl_{m}": rows[-1].get(f"train_aib_kl_{m}", math.nan) for m in modalities})
+            records.append(rec)
             trajectories.setdefault(variant, []).append(rows)
             print(f"{variant:12s} seed {seed}: test acc {rec['test_acc']:.4f} "
                   + " ".join(f"{m} {rec[f'test_acc_{m}']:.4f}" for m in modalities)
                   + f" ({rec['time_s']:.1f}s)", flush=True)
 
+    modalities = modalities or []
     metrics = ["test_acc", "test_macro_f1", *[f"test_acc_{m}" for m in modalities]]
     summary_rows = []
-    none_by_seed = {r["seed"]: r for r in records if r["variant"] == "none"}
+    finished = [r for r in records if r["status"] == "ok"]
+    none_by_seed = {r["seed"]: r for r in finished if r["variant"] == "none"}
     for variant in args.variants:
-        recs = [r for r in records if r["variant"] == variant]
-        row = {"variant": variant, "n_seeds": len(recs)}
+        recs = [r for r in finished if r["variant"] == variant]
+        row = {"variant": variant, "n_seeds": len(recs),
+               "n_diverged": sum(r["variant"] == variant and r["status"] == "diverged" for r in records)}
+        for k in [f"aib_kl_{m}" for m in modalities or []]:
+            row[f"{k}_mean"], _ = mean_std([r[k] for r in recs])
         for k in metrics:
             row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r[k] for r in recs])
         if none_by_seed and variant != "none":  # paired difference against plain `none` (same seeds)
@@ -132,7 +145,7 @@ def main(argv=None) -> int:
             row = {"variant": variant, "epoch": ep}
             for key in TRAJ_KEYS:
                 for m in modalities:
-                    row[f"{key}_{m}"] = statistics.fmean(r[ep][f"{key}_{m}"] for r in runs)
+                    row[f"{key}_{m}"] = statistics.fmean(r[ep].get(f"{key}_{m}", math.nan) for r in runs)
             for m in modalities:
                 row[f"train_acc_{m}"] = statistics.fmean(r[ep][f"train_acc_{m}"] for r in runs)
                 row[f"val_acc_{m}"] = statistics.fmean(r[ep][f"val_acc_{m}"] for r in runs)
@@ -163,7 +176,8 @@ def main(argv=None) -> int:
     for row in summary_rows:
         cells = [f"{row[f'{k}_mean']:.4f} ± {row[f'{k}_std']:.4f}" for k in ["test_acc", *[f"test_acc_{m}" for m in modalities]]]
         diff = (f"{row['diff_vs_none_mean']:+.4f} ± {row['diff_vs_none_std']:.4f}" if "diff_vs_none_mean" in row else "")
-        print(f"{row['variant']:12s} " + " ".join(f"{c:>17s}" for c in cells) + f" {diff:>22s}")
+        diverged = f"  ({row['n_diverged']} diverged)" if row["n_diverged"] else ""
+        print(f"{row['variant']:12s} " + " ".join(f"{c:>17s}" for c in cells) + f" {diff:>22s}{diverged}")
     print(f"\n{len(records)} runs in {time.time() - t_all:.0f}s; results in {out}")
     return 0
 

@@ -84,6 +84,24 @@ def test_grid_errors_name_the_key(tmp_path, capsys):
         run_grid(tmp_path, {})
 
 
+def test_retrain_dir_left_by_a_different_config_is_refused_before_ray(run_dir, monkeypatch):
+    """A retrain dir whose config.yaml differs (here: the lr) is not resumed: one error naming it."""
+    import calray.robustness as rob
+    from calray.resume import RunMismatchError
+
+    grid = {"kinds": ["gaussian"], "eps": [5], "modes": ["train+test"], "train_seeds": [9], "noise_seeds": 1,
+            "epochs": 1}
+    (plan,) = rob.plan_retrains(rob._run_target(run_dir), parse_grid(grid), run_dir)
+    stale = yaml.safe_load(yaml.safe_dump(plan.config))
+    stale["optim"]["lr"] = 0.5
+    plan.run_dir.mkdir(parents=True)
+    (plan.run_dir / "config.yaml").write_text(yaml.safe_dump(stale))
+    monkeypatch.setattr(rob, "_run_tune", lambda *a, **k: pytest.fail("Ray must not start"))
+    with pytest.raises(RunMismatchError, match=r"optim\.lr"):
+        run_grid(run_dir, grid)
+    assert yaml.safe_load((plan.run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.5
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")

@@ -175,3 +175,14 @@ def test_linear_warmup_resume_mid_run_repeats_the_lr_sequence(tiny_cfg):
     rows, ref_rows = read_rows(cfg.run_dir()), read_rows(full.run_dir)
     assert [r["lr"] for r in rows] == [r["lr"] for r in ref_rows]
     assert [r["train_loss"] for r in rows] == pytest.approx([r["train_loss"] for r in ref_rows], rel=1e-5)
+
+
+def test_non_finite_loss_names_an_exploded_aib_latent(tiny_cfg):
+    trainer = Trainer(tiny_cfg())
+    parts = {"loss_fused": torch.tensor(float("nan")), "aib_kl_audio": torch.tensor(float("inf")),
+             "aib_kl_visual": torch.tensor(2.0)}
+    with pytest.raises(TrainingError, match=r"AIB latent of audio diverged.*beta_T"):
+        trainer._check_finite((torch.tensor(False), torch.tensor(float("nan")), parts, 4, 1))
+    with pytest.raises(TrainingError) as err:
+        trainer._check_finite((torch.tensor(False), torch.tensor(float("nan")), {"loss_fused": torch.tensor(1.0)}, 0, 0))
+    assert "AIB" not in str(err.value) and "epoch 0, step 0" in str(err.value)

@@ -1,0 +1,199 @@
+"""Mutation pass over the method and the loop: apply one deliberate bug at a time, run the method
+tests, and count the bugs the suite catches (the mutation score in docs/METHOD.md).
+
+    python scripts/mutate.py [--only ID ...] [--list] [--timeout 300] [--json runs/mutation.json]
+
+Each mutant replaces one exact snippet (which must occur exactly once) in a *copy* of the source
+tree made in a temporary directory, so the working tree is never touched and a crash cannot leave
+a bug behind. A mutant is killed when the test command exits non-zero (a failure, an error or a
+time-out) and survives when the tests pass. The test command runs with `-x`, so killed mutants
+stop at their first failing test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ["tests/test_aib.py", "tests/test_modulation.py", "tests/test_contribution.py", "tests/test_trainer.py",
+         "tests/test_method_runs.py", "tests/test_loss_pinning.py", "tests/test_optim_groups.py",
+         "tests/test_resume_guard.py"]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    path: str
+    old: str
+    new: str
+    what: str
+
+
+M = Mutant
+MUTANTS = [
+    # ---- eq 21 assembly and the AIB (the bugs that passed the suite before the loss-pinning tests)
+    M("beta_other_modality", "calray/aib.py", "    if mode == \"beta\":\n        return beta\n",
+      "    if mode == \"beta\":\n        return dict(zip(beta, reversed(list(beta.values()))))\n",
+      "β of one modality given to the other in the loss"),
+    M("aib_mode_ignored", "calray/trainer.py", "aib_weights(self.a_aib, m.aib)", "aib_weights(self.a_aib, \"beta\")",
+      "the configured Table IV mode ignored (every mode trains as beta)"),
+    M("izy_from_fused_ce", "calray/trainer.py", "l_aib = aib_loss(kl, ce, self.h_y,",
+      "l_aib = aib_loss(kl, {k: loss_fused for k in ce}, self.h_y,", "I(Z;Y) computed from the fused CE"),
+    M("aib_kl_dropped_eq19", "calray/aib.py", "F.softplus(w * kl[m] - (h_y - ce[m]))", "F.softplus(-(h_y - ce[m]))",
+      "the KL term of eq 19's AIB dropped"),
+    M("aib_kl_dropped_eq20", "calray/aib.py", "F.softplus(kl[m] - w * (h_y - ce[m]))", "F.softplus(-w * (h_y - ce[m]))",
+      "the KL term of eq 20's AIB dropped"),
+    M("h_y_zero", "calray/trainer.py", "self.h_y = label_entropy(counts)", "self.h_y = 0.0", "H(Y) = 0"),
+    M("unimodal_ce_dropped", "calray/trainer.py", "loss = loss_fused + m.unimodal_weight * sum(ce.values())",
+      "loss = loss_fused", "the Σ CE(p^m) term of eq 21 dropped"),
+    M("mi_pair_unimodal", "calray/trainer.py", "return out.unimodal_logits, out.fused_logits",
+      "return out.unimodal_logits, next(iter(out.unimodal_logits.values()))",
+      "the fused logits of the MI pair replaced by a unimodal one"),
+    M("lambda_ignored", "calray/trainer.py", "loss = loss + m.lambda_ * l_aib", "loss = loss + l_aib",
+      "λ of eq 21 ignored"),
+    M("placement_ignored", "calray/trainer.py", "aib_weights(self.a_aib, m.aib), m.aib_placement)",
+      "aib_weights(self.a_aib, m.aib), \"eq20\")", "the eq 19 / eq 20 switch ignored"),
+    M("beta_T_ignored", "calray/trainer.py", "m.T if m.beta_T is None else m.beta_T", "m.T",
+      "β's own temperature ignored"),
+    M("beta_is_a", "calray/aib.py", "return {m: (total - v) / total for m, v in a.items()}",
+      "return {m: v / total for m, v in a.items()}", "eq 17: β_m = a_m instead of 1 − a_m"),
+    M("inv_beta_not_inverted", "calray/aib.py", "1.0 / max(b, MIN_BETA)", "max(b, MIN_BETA)",
+      "inv_beta mode uses β"),
+    M("mi_mx_swapped", "calray/aib.py", "lo = min(order, key=lambda m: a[m])", "lo = max(order, key=lambda m: a[m])",
+      "mi mode picks the highest-contribution modality"),
+    M("kl_missing_minus_one", "calray/aib.py", "mu.pow(2) + logvar.exp() - logvar - 1.0", "mu.pow(2) + logvar.exp() - logvar",
+      "Gaussian KL without the −1"),
+    M("entropy_sign", "calray/aib.py", "return float(-(p * p.log()).sum())", "return float((p * p.log()).sum())",
+      "H(Y) with the wrong sign"),
+    M("grad_accum_unscaled", "calray/trainer.py", "(loss / self.cfg.optim.grad_accum).backward()", "loss.backward()",
+      "accumulated gradients not divided by grad_accum"),
+    # ---- model selection and the final test
+    M("select_on_test", "calray/trainer.py", "val = self.evaluate(self.val_loader)", "val = self.evaluate(self.test_loader)",
+      "model selection on test instead of validation"),
+    M("test_last_weights", "calray/trainer.py", "        if best_path.is_file():\n            self.raw_model.load_state_dict(",
+      "        if False:\n            self.raw_model.load_state_dict(", "final test on the last weights, not the best-on-val"),
+    M("best_every_epoch", "calray/trainer.py", "                if improved:\n                    save_checkpoint(",
+      "                if True:\n                    save_checkpoint(", "best.pt overwritten every epoch"),
+    # ---- modulation (eq 12–14) and OGM-GE
+    M("eta_ignored", "calray/modulation.py", "s = 1.0 + eta * am", "s = 1.0 + am", "η of eq 14 ignored"),
+    M("scale_sign", "calray/modulation.py", "s = 1.0 + eta * am", "s = 1.0 - eta * am", "eq 14 subtracts"),
+    M("T_ignored", "calray/modulation.py", "a = torch.softmax(T * torch.tensor(", "a = torch.softmax(torch.tensor(",
+      "eq 12 without T"),
+    M("weak_is_strong", "calray/modulation.py", "return contribution_softmax(W, -T)", "return contribution_softmax(W, T)",
+      "weak strategy = cal"),
+    M("null_zero", "calray/modulation.py", "return {m: 1.0 / len(W) for m in W}", "return {m: 0.0 for m in W}",
+      "null strategy applies no modulation"),
+    M("modulation_skipped", "calray/trainer.py", "            self.modulator.apply(self.raw_model, epoch, out.unimodal_logits, labels)\n",
+      "", "the loop never modulates"),
+    M("warmup_off_by_one", "calray/modulation.py", "return epoch >= self.method.warmup_epochs",
+      "return epoch > self.method.warmup_epochs", "modulation starts one epoch late"),
+    M("ogm_scores_swapped", "calray/modulation.py", "for m, s in zip(unimodal_logits, scores)}",
+      "for m, s in zip(unimodal_logits, scores.flip(0))}", "OGM-GE's scores assigned to the wrong modality"),
+    M("ogm_alpha_ignored", "calray/modulation.py", "out[m] = 1.0 - math.tanh(alpha * rho) if rho > 1.0 else 1.0",
+      "out[m] = 1.0 - math.tanh(rho) if rho > 1.0 else 1.0", "OGM-GE's α ignored"),
+    M("ogm_window_open_end", "calray/modulation.py", "if not (start <= epoch <= end):", "if not (start <= epoch < end):",
+      "OGM-GE's window excludes its last epoch"),
+    # ---- contributions (eq 5–10)
+    M("phi_sign", "calray/contribution.py", "(lp_true_f[None] - logp_a.gather(2, idx).squeeze(2)).sum(1)",
+      "(logp_a.gather(2, idx).squeeze(2) - lp_true_f[None]).sum(1)", "eq 8 with the difference reversed"),
+    M("p_is_logprob", "calray/contribution.py", "self.true_prob += lp_true_u.exp().sum(1)",
+      "self.true_prob += lp_true_u.sum(1)", "eq 7 sums log-probabilities"),
+    M("mi_no_half", "calray/contribution.py", "return max(0.5 * float(logdet_x + logdet_y - logdet_z), 0.0)",
+      "return max(float(logdet_x + logdet_y - logdet_z), 0.0)", "eq 5 without the ½"),
+    M("r_no_clip", "calray/contribution.py", "past = history[max(t - n, 0)]", "past = history[t - n]",
+      "eq 9's t − n not clipped at the first epoch"),
+    M("w_is_d_plus_i", "calray/contribution.py", "        w = d * info\n", "        w = d + info\n",
+      "eq 1: W = D + I instead of D × I"),
+    M("refresh_window_only", "calray/trainer.py", "stats = self.epoch_stats if end_of_epoch else self.window",
+      "stats = self.window", "the epoch-end refresh reads only the last window"),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    """The tracked and untracked-but-not-ignored files of the checkout (what CI would see)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def run_tests(workdir: Path, timeout: float) -> tuple[bool, float, str]:
+    """(passed, seconds, last line) of the method tests against the copy in `workdir`."""
+    env = {**os.environ, "PYTHONPATH": str(workdir), "OMP_NUM_THREADS": "1"}
+    tests = [t for t in TESTS if (workdir / t).is_file()]
+    t0 = time.time()
+    try:
+        res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                             cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, time.time() - t0, "timeout"
+    lines = [line for line in res.stdout.splitlines() if line.strip()]
+    return res.returncode == 0, time.time() - t0, lines[-1] if lines else res.stderr.strip()[-200:]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="*", help="mutant ids to run (default: all)")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant's test run")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.only or m.id in args.only]
+    if args.list:
+        for m in mutants:
+            print(f"{m.id:24s} {m.path:26s} {m.what}")
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory(prefix="calray_mutate_") as tmp:
+        work = Path(tmp)
+        copy_tree(work)
+        check = subprocess.run([sys.executable, "-c", "import calray; print(calray.__file__)"], cwd=work,
+                               env={**os.environ, "PYTHONPATH": str(work)}, capture_output=True, text=True)
+        if not check.stdout.strip().startswith(str(work)):
+            print(f"error: the copy's calray is not the one imported ({check.stdout.strip()})", file=sys.stderr)
+            return 2
+        ok, secs, line = run_tests(work, args.timeout)
+        print(f"unmutated: {'pass' if ok else 'FAIL'} in {secs:.0f}s ({line})", flush=True)
+        if not ok:
+            print("error: the unmutated tests fail; fix them before scoring mutants", file=sys.stderr)
+            return 2
+        for m in mutants:
+            path = work / m.path
+            text = path.read_text()
+            if text.count(m.old) != 1:
+                results.append({"id": m.id, "what": m.what, "status": "stale", "detail": f"snippet found {text.count(m.old)}×"})
+                print(f"{m.id:24s} STALE (snippet found {text.count(m.old)}× in {m.path})", flush=True)
+                continue
+            path.write_text(text.replace(m.old, m.new))
+            try:
+                passed, secs, line = run_tests(work, args.timeout)
+            finally:
+                path.write_text(text)
+            status = "survived" if passed else "killed"
+            results.append({"id": m.id, "path": m.path, "what": m.what, "status": status, "seconds": round(secs, 1),
+                            "detail": line})
+            print(f"{m.id:24s} {status.upper():9s} {secs:5.0f}s  {m.what}", flush=True)
+    scored = [r for r in results if r["status"] != "stale"]
+    killed = sum(r["status"] == "killed" for r in scored)
+    print(f"mutation score: {killed}/{len(scored)} killed"
+          + (f"; survivors: {', '.join(r['id'] for r in scored if r['status'] == 'survived')}" if killed < len(scored) else ""))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"tests": TESTS, "results": results}, indent=2) + "\n")
+    return 0 if killed == len(scored) and len(scored) == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
