@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         row = {"variant": variant, "n_seeds": len(recs),
                "n_diverged": sum(r["variant"] == variant and r["status"] == "diverged" for r in records)}
         for k in [f"aib_kl_{m}" for m in modalities or []]:
-            row[f"{k}_mean"], _ = mean_std([r[k] for r in recs])
+            row[f"{k}_mean"], _ = mean_std([r[k] for r in recs if not math.isnan(r[k])])  # NaN: AIB off
         for k in metrics:
             row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r[k] for r in recs])
         if none_by_seed and variant != "none":  # paired difference against plain `none` (same seeds)
