@@ -195,3 +195,23 @@ def test_selection_uses_validation_and_tests_the_best_weights(tiny_cfg):
     assert summary["best_epoch"] == best
     assert summary["best_val_acc"] == pytest.approx(val_acc[best])
     assert summary["test_acc"] == pytest.approx(test_acc[best])
+
+
+def test_epoch_end_refresh_reads_the_whole_epoch_with_update_every(tiny_cfg):
+    """With mid-epoch refreshes (update_every), the epoch-end W/P still come from every step of the
+    epoch, not from the last window since the previous refresh."""
+    cfg = tiny_cfg(method={"strategy": "cal", "aib": "off", "update_every": 3}, optim={"epochs": 1})
+    trainer = Trainer(cfg)
+    seen = []
+    update = trainer.window.update
+
+    def recording_update(labels, fused, unimodal, *rest):
+        seen.append((labels.clone(), {m: v.detach().clone() for m, v in unimodal.items()}))
+        update(labels, fused, unimodal, *rest)
+
+    trainer.window.update = recording_update
+    row = trainer.train_epoch(0)
+    assert len(seen) == 8  # 256 samples / 32: refreshes after steps 3 and 6, then the epoch's end
+    for m in trainer.modalities:
+        p_true = torch.cat([u[m].double().softmax(1)[torch.arange(len(y)), y] for y, u in seen])
+        assert row[f"P_{m}"] == pytest.approx(float(p_true.mean()), rel=1e-9)  # eq 7 over the epoch
