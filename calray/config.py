@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from calray.errors import ConfigError
+from calray.registry import AIB_MODES, CONTRIBUTIONS, DATASETS, FUSIONS, NOISE_KINDS, STRATEGIES
 
 
 class Strict(BaseModel):
@@ -48,9 +49,14 @@ class EncoderConfig(Strict):
 
 class ModelConfig(Strict):
     encoders: dict[str, EncoderConfig] = Field(default_factory=dict)  # per modality
-    fusion: Literal["concat", "sum", "film", "gated", "late"] = "concat"
+    fusion: str = "concat"  # a name in calray.registry.FUSIONS
     fusion_dim: int | None = None  # projection size for sum/film/gated (default: min embedding size)
     unimodal_head: Literal["shared", "separate"] = "shared"
+
+    @field_validator("fusion")
+    @classmethod
+    def _registered_fusion(cls, v):
+        return FUSIONS.check(v)
 
 
 class MethodConfig(Strict):
@@ -59,16 +65,16 @@ class MethodConfig(Strict):
     T, eta, lambda and n are the sweep's search axes.
     """
 
-    strategy: Literal["cal", "null", "weak", "ogm_ge", "ogm_ge_mix", "none"] = "cal"  # ogm_ge: fused CE only
+    strategy: str = "cal"  # a name in calray.registry.STRATEGIES (ogm_ge: fused CE only)
     T: float = 1.0  # eq 12: a = softmax(T·W); T multiplies W (an inverse temperature)
     eta: float = Field(1.0, ge=0.0)  # eq 14: g_m ← (1 + η·a_m)·g_m
     lambda_: float = Field(1.0, alias="lambda", ge=0.0)  # eq 21: weight of L_AIB
     n: int = Field(5, ge=1)  # eq 9: window of R^m(t, n) in epochs
-    contribution: Literal["d_x_i", "d_plus_i", "d_only", "i_only", "kl"] = "d_x_i"  # Table V
+    contribution: str = "d_x_i"  # Table V, calray.registry.CONTRIBUTIONS
     contribution_space: Literal["logits", "embeddings"] = "logits"  # the pair I(m) is measured on
     phi_ablation: Literal["zero", "mean"] = "zero"  # eq 8: how modality m is removed
     mi_shrinkage: float = Field(1e-3, ge=0.0)  # eq 5: Σ ← (1−s)Σ + s·tr(Σ)/d·I
-    aib: Literal["beta", "inv_beta", "mi", "mx", "mx_mi", "off"] = "beta"  # Table IV
+    aib: str = "beta"  # Table IV, calray.registry.AIB_MODES
     # where β_m acts: on I(Z;X) as eq 19 (default: weak modalities compressed more, as the prose
     # says) or on I(Z;Y) as eq 20 is printed (the dominant one compressed hardest); docs/METHOD.md
     aib_placement: Literal["eq19", "eq20"] = "eq19"
@@ -94,6 +100,21 @@ class MethodConfig(Strict):
     @classmethod
     def _yaml_off(cls, v):
         return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+    @field_validator("strategy")
+    @classmethod
+    def _registered_strategy(cls, v):
+        return STRATEGIES.check(v)
+
+    @field_validator("contribution")
+    @classmethod
+    def _registered_contribution(cls, v):
+        return CONTRIBUTIONS.check(v)
+
+    @field_validator("aib")
+    @classmethod
+    def _registered_aib(cls, v):
+        return AIB_MODES.check(v)
 
     @model_validator(mode="after")
     def _tracking_needed(self):
@@ -162,9 +183,9 @@ class RuntimeConfig(Strict):
 
 
 class NoiseConfig(Strict):
-    """Noise attacks (calray.noise) with the anchors' ε semantics; see docs/DATASETS.md."""
+    """Noise attacks (calray.data.noise) with the anchors' ε semantics; see docs/DATASETS.md."""
 
-    kind: Literal["none", "gaussian", "salt_pepper"] = "none"
+    kind: str = "none"  # calray.registry.NOISE_KINDS
     eps: float = Field(0.0, ge=0.0)
     mode: Literal["test", "train+test"] = "test"
     seed: int = 0  # noise seed, separate from the training seed (QMF protocol)
@@ -176,6 +197,11 @@ class NoiseConfig(Strict):
     legacy: bool = False  # QMF before 2025-06-28: salt-pepper p_apply = 0.5·ε/10
     qmf_compat: bool = False  # reproduce QMF's quirks (uint8 wrap, one fixed noise field)
     audio_scale: float = Field(0.1, gt=0.0)  # A/V spectrogram: Gaussian std = ε·audio_scale·std(spectrogram)
+
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, v):
+        return NOISE_KINDS.check(v)
 
     @model_validator(mode="after")
     def _eps_needs_kind(self):
@@ -312,6 +338,37 @@ def load_config(path: str | Path, overrides: dict[str, Any] | list[str] | None =
     """
     tree = apply_overrides(read_yaml(path), overrides)
     return config_from_dict(tree, str(path))
+
+
+PATH_KEYS = (("data", "root"), ("data", "cache_dir"), ("runtime", "output_dir"), ("distributed", "storage_path"))
+ENCODER_PATH_KEYS = ("weights", "pretrained_path")
+
+
+def absolute_paths(tree: dict, base: str | Path | None = None) -> dict:
+    """A copy of a run-config dict with every relative filesystem path made absolute against `base`
+    (default: the working directory) — for runs that execute elsewhere (Ray workers and trials) and
+    for comparing a stored config with a new one. Covers data.root/cache_dir, runtime.output_dir,
+    distributed.storage_path, each encoder's weights/pretrained_path, and the `data.params` keys the
+    dataset declares as paths (`register_dataset(..., path_params=...)`). Missing blocks are fine."""
+    tree = copy.deepcopy(tree)
+    base = Path(base) if base is not None else Path.cwd()
+
+    def fix(node, key: str) -> None:
+        v = node.get(key) if isinstance(node, dict) else None
+        if isinstance(v, str) and v and "://" not in v:
+            node[key] = str((base / Path(v).expanduser()).resolve())
+
+    for block, key in PATH_KEYS:
+        fix(tree.get(block), key)
+    for enc in ((tree.get("model") or {}).get("encoders") or {}).values():
+        for key in ENCODER_PATH_KEYS:
+            fix(enc, key)
+    data = tree.get("data") or {}
+    dataset = data.get("dataset", "synthetic")
+    if isinstance(data.get("params"), dict) and dataset in DATASETS:
+        for key in getattr(DATASETS.get(dataset), "path_params", ()):
+            fix(data["params"], key)
+    return tree
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -1,5 +1,10 @@
 """The errors calray raises for bad input: each names the file, key or path at fault."""
 
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
 
 class CalrayError(Exception):
     """Base class: a problem the user can fix, reported as one line."""
@@ -25,3 +30,13 @@ class DatasetError(CalrayError, FileNotFoundError):
 
 class TrainingError(CalrayError, RuntimeError):
     """A run that cannot go on (non-finite loss, diverged contributions)."""
+
+
+def run_cli(body: Callable[[], int | None]) -> int:
+    """Run a command-line entry point's body: a CalrayError — a problem the user can fix — is one
+    line on stderr and exit status 2, never a traceback. Every `python -m calray.*` main uses this."""
+    try:
+        return body() or 0
+    except CalrayError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2

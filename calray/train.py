@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from calray.errors import CalrayError
+from calray.config import load_config
+from calray.engine.trainer import train
+from calray.errors import run_cli
+from calray.ray.distributed import train_distributed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,8 +27,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from calray.config import load_config
-
     overrides = list(args.overrides)
     if args.workers is not None:
         overrides.append(f"distributed.workers={args.workers}")
@@ -35,20 +36,16 @@ def main(argv=None) -> int:
         overrides.append(f"distributed.address={args.address}")
     if args.fresh:
         overrides.append("runtime.resume=false")
-    try:
+
+    def body() -> int:
         cfg = load_config(args.config, overrides)
         if cfg.distributed.workers > 1 or cfg.distributed.address is not None:
-            from calray.distributed import train_distributed
-
             train_distributed(cfg)
         else:
-            from calray.trainer import train
-
             train(cfg)
-    except CalrayError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calray.checkpoint import write_json  # noqa: E402
+from calray.io import write_json  # noqa: E402
 from calray.config import config_from_dict  # noqa: E402
 from calray.data import build_datasets  # noqa: E402
-from calray.runinfo import environment  # noqa: E402
-from calray.trainer import Trainer, to_device  # noqa: E402
+from calray.engine.runinfo import environment  # noqa: E402
+from calray.engine.evaluate import to_device  # noqa: E402
+from calray.engine.trainer import Trainer  # noqa: E402
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 

@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calray.checkpoint import write_json  # noqa: E402
+from calray.io import write_json  # noqa: E402
 from calray.config import load_config  # noqa: E402
-from calray.runinfo import environment  # noqa: E402
-from calray.trainer import Trainer  # noqa: E402
+from calray.engine.runinfo import environment  # noqa: E402
+from calray.engine.trainer import Trainer  # noqa: E402
 
 
 def ms_per_batch(loader) -> float:

@@ -30,11 +30,12 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calray.checkpoint import write_json  # noqa: E402
+from calray.io import write_json  # noqa: E402
 from calray.config import apply_overrides, config_from_dict, read_yaml  # noqa: E402
 from calray.data.base import DatasetSplits  # noqa: E402
-from calray.runinfo import environment  # noqa: E402
-from calray.trainer import Trainer, to_device  # noqa: E402
+from calray.engine.runinfo import environment  # noqa: E402
+from calray.engine.evaluate import to_device  # noqa: E402
+from calray.engine.trainer import Trainer  # noqa: E402
 
 PRESETS = {
     # name: (per-modality input shapes, encoders, classes, batch)

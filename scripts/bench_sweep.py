@@ -44,8 +44,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from calray.checkpoint import write_json  # noqa: E402
-from calray.runinfo import environment  # noqa: E402
+from calray.io import write_json  # noqa: E402
+from calray.engine.runinfo import environment  # noqa: E402
 
 
 def sweep_file(tmp: Path, trials: int, epochs: int, n_train: int) -> Path:

@@ -5,7 +5,7 @@ CAL's loss, `ogm_ge_mix`).
     python scripts/compare_strategies.py [--config configs/quickstart.yaml] [--seeds 5] [--epochs N]
                                          [--out runs/compare] [--set key=value ...]
 
-Every run uses `calray.trainer.train` in-process (progress off, no resume) with runtime.seed and
+Every run uses `calray.engine.trainer.train` in-process (progress off, no resume) with runtime.seed and
 data.seed both set to the seed, so strategy s and strategy s' with the same seed see the same
 data and the same initialisation (paired comparison). Test accuracy is that of the
 best-on-validation epoch (the trainer never selects on test).
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
 
     from calray.config import load_config
     from calray.errors import TrainingError
-    from calray.trainer import train
+    from calray.engine.trainer import train
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

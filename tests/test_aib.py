@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from calray.aib import (
+from calray.models.heads import VariationalHead
+from calray.method.aib import (
     MIN_BETA,
-    VariationalHead,
     aib_loss,
     aib_weights,
     compression_factors,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from calray.sweep_config import load_sweep
+from calray.sweep.spec import load_sweep
 from tests.conftest import tiny_run_dict
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

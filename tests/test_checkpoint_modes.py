@@ -9,8 +9,8 @@ import stat
 import pandas as pd
 import pytest
 
-from calray.checkpoint import (atomic_write_bytes, atomic_write_text, current_umask, load_checkpoint,
-                               save_checkpoint, write_json)
+from calray.io import atomic_write_bytes, atomic_write_text, current_umask, write_json
+from calray.engine.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture
@@ -68,8 +68,8 @@ def test_failed_write_leaves_no_temp_file_and_keeps_the_old_file(tmp_path, umask
 
 def test_sweep_outputs_and_report_images_get_the_umask_mode(tmp_path, umask):
     """sweep_results' tables and best/<cell>.yaml and the report's images go through the same writer."""
-    from calray.report import Block, Section, render_md
-    from calray.sweep_results import _write_table, write_best_config
+    from calray.report.render import Block, Section, render_md
+    from calray.sweep.outputs import _write_table, write_best_config
 
     umask(0o022)
     write_best_config(tmp_path / "best" / "c.yaml", {"name": "c"}, "best trial t1")

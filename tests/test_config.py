@@ -79,3 +79,25 @@ def test_warmup_proportion_outside_unit_interval_rejected(tmp_path, w):
     assert str(p) in msg and "optim.warmup_proportion" in msg and "\n" not in msg
     assert load_config(p, ["optim.warmup_proportion=0"]).optim.warmup_proportion == 0.0
     assert RunConfig().optim.warmup_proportion == 0.1
+
+
+def test_absolute_paths_covers_paths_inside_dataset_params(tmp_path, monkeypatch):
+    from calray.config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    tree = {"data": {"dataset": "mvsa_single", "root": "data/MVSA", "cache_dir": None,
+                     "params": {"tokenizer": "weights/bert", "val_file": "dev.jsonl"}},
+            "model": {"encoders": {"image": {"weights": "w/r152.pth", "pretrained_path": None},
+                                   "text": {"pretrained_path": "/abs/bert"}}},
+            "runtime": {"output_dir": "runs"}}
+    out = absolute_paths(tree)
+    assert out["data"]["root"] == str(tmp_path / "data/MVSA")
+    assert out["data"]["params"]["tokenizer"] == str(tmp_path / "weights/bert")  # relative to the cwd: a path
+    assert out["data"]["params"]["val_file"] == "dev.jsonl"  # relative to data.root: left alone
+    assert out["model"]["encoders"]["image"]["weights"] == str(tmp_path / "w/r152.pth")
+    assert out["model"]["encoders"]["text"]["pretrained_path"] == "/abs/bert"
+    assert out["runtime"]["output_dir"] == str(tmp_path / "runs") and out["data"]["cache_dir"] is None
+    assert tree["data"]["root"] == "data/MVSA"  # a copy
+    assert absolute_paths({}) == {}
+    synthetic = {"data": {"dataset": "synthetic", "params": {"modalities": ["a", "b"]}}}
+    assert absolute_paths(synthetic) == synthetic

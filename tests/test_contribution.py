@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from calray.contribution import (
+from calray.method.contribution import (
     R_EPS,
     ContributionStats,
     ContributionTracker,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from calray.config import load_config
-from calray.trainer import Trainer, train
+from calray.engine.trainer import Trainer, train
 from tests.fixtures_data import make_ave, make_cremad, make_ks, make_mvsa, make_nyud2, make_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -1,4 +1,4 @@
-"""Ray Train runs of the one loop (calray.distributed): CPU, gloo, 2 workers.
+"""Ray Train runs of the one loop (calray.ray.distributed): CPU, gloo, 2 workers.
 
 Each TorchTrainer start costs ~25 s on a 2-core machine, so the Ray tests share one local Ray
 instance and one 2-worker CLI run (`dist_run`), checked from three angles (it ran from the CLI;
@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from calray.checkpoint import load_checkpoint
+from calray.engine.checkpoint import load_checkpoint
 from calray.config import config_from_dict
 from tests.conftest import tiny_run_dict
 
@@ -65,7 +65,7 @@ def assert_params_close(a: dict, b: dict, atol: float = 1e-5) -> None:
 def _agree_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from calray.distributed import RankMismatchError, assert_ranks_agree
+    from calray.dist import RankMismatchError, assert_ranks_agree
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = []
@@ -100,14 +100,14 @@ def test_assert_ranks_agree_all_gathers_and_names_the_rank(tmp_path):
 
 
 def test_assert_ranks_agree_is_a_no_op_without_a_process_group():
-    from calray.distributed import assert_ranks_agree
+    from calray.dist import assert_ranks_agree
 
     assert_ranks_agree({"a": {"x": 1.0}})
 
 
 def test_unused_parameter_probe_leaves_no_trace(tiny_cfg):
     from calray.data.base import build_datasets
-    from calray.distributed import unused_parameters
+    from calray.ray.distributed import unused_parameters
     from calray.models import build_model
     from calray.models.multimodal import batched_sample
 
@@ -126,7 +126,7 @@ def test_unused_parameter_probe_leaves_no_trace(tiny_cfg):
 
 
 def test_config_errors_are_raised_before_ray_starts(tiny_cfg):
-    from calray.distributed import parse_injection, validate
+    from calray.ray.distributed import parse_injection, validate
     from calray.errors import ConfigError
 
     with pytest.raises(ConfigError, match="sync_bn.*CUDA"):
@@ -204,7 +204,7 @@ def test_ranks_agree_exactly_on_contributions(dist_run):
 
 
 def test_two_workers_match_one_process_with_twice_the_batch(dist_run):
-    from calray.trainer import train
+    from calray.engine.trainer import train
 
     tmp = dist_run["tmp"]
     ref = config_from_dict(dist_tree(tmp, "single", batch=B, epochs=2), "single")
@@ -221,7 +221,7 @@ def test_two_workers_match_one_process_with_twice_the_batch(dist_run):
 
 
 def test_resource_check_fails_fast(ray_local, tiny_cfg):
-    from calray.distributed import check_resources
+    from calray.ray.distributed import check_resources
     from calray.errors import ConfigError
 
     check_resources(tiny_cfg(distributed={"workers": 2}))
@@ -241,9 +241,9 @@ def test_failure_then_restore_then_kill_and_resume(ray_local, tmp_path):
        must be dropped).
     The history has no gaps or repeats, and the result equals 1 process × batch B run straight through.
     """
-    from calray.distributed import train_distributed
+    from calray.ray.distributed import train_distributed
     from calray.errors import TrainingError
-    from calray.trainer import train
+    from calray.engine.trainer import train
 
     def cfg_with(max_failures):
         extra = {"runtime": {"checkpoint_every": 2}, "distributed": {"workers": 2, "max_failures": max_failures}}

@@ -18,7 +18,7 @@ import torch
 
 from calray.data.base import DatasetSplits
 from calray.data.tensors import FeatureDataset
-from calray.trainer import RunContext, Trainer
+from calray.engine.trainer import RunContext, Trainer
 
 A_KNOWN = {"audio": 0.8, "visual": 0.2}  # fixed, asymmetric contributions for the AIB weights
 # Table IV weights for A_KNOWN written out by hand: β = 1 − a = (0.2, 0.8)
@@ -71,7 +71,7 @@ def make_trainer(tiny_cfg, mode: str, placement: str) -> Trainer:
                            "unimodal_weight": UNIMODAL_W, "n": 2},
                    optim={"name": "sgd", "lr": LR, "momentum": 0.0, "weight_decay": 0.0, "epochs": 1})
     trainer = Trainer(cfg)
-    trainer.a_aib = dict(A_KNOWN)
+    trainer.aib.a = dict(A_KNOWN)
     return trainer
 
 
@@ -114,13 +114,13 @@ def test_beta_temperature_separates_beta_from_the_modulation(tiny_cfg):
     for beta_T, expected_a in ((None, 3.0), (0.2, 0.2)):
         cfg = tiny_cfg(method={"strategy": "cal", "T": 3.0, "beta_T": beta_T, "aib": "beta"})
         trainer = Trainer(cfg)
-        trainer.tracker.compute = lambda stats, end: type("C", (), {  # noqa: E731 — fixed W
+        trainer.monitor.tracker.compute = lambda stats, end: type("C", (), {  # noqa: E731 — fixed W
             "W": W, "D": W, "I": W, "phi": W, "R": W, "P": W, "kl": W})()
         trainer.refresh_contributions(end_of_epoch=True)
         e = math.exp(expected_a * (W["audio"] - W["visual"]))
-        assert trainer.beta["audio"] == pytest.approx(1 / (1 + e), rel=1e-9)  # β = 1 − softmax(T_β·W)
+        assert trainer.aib.beta["audio"] == pytest.approx(1 / (1 + e), rel=1e-9)  # β = 1 − softmax(T_β·W)
         e_mod = math.exp(3.0 * (W["audio"] - W["visual"]))
-        assert trainer.modulator.a["audio"] == pytest.approx(e_mod / (1 + e_mod), rel=1e-9)  # a keeps T
+        assert trainer.strategy.a["audio"] == pytest.approx(e_mod / (1 + e_mod), rel=1e-9)  # a keeps T
 
 
 def test_contribution_statistics_see_the_fused_and_unimodal_logits(tiny_cfg):
@@ -129,7 +129,7 @@ def test_contribution_statistics_see_the_fused_and_unimodal_logits(tiny_cfg):
     inputs, y = next(iter(trainer.train_loader))
     twin = copy.deepcopy(trainer.raw_model)
     trainer.train_step(inputs, y, epoch=0, step=0)
-    trainer.window.flush()
+    trainer.monitor.window.flush()
     with torch.no_grad():
         out = twin(inputs)
         f = out.fused_logits.double()
@@ -137,13 +137,13 @@ def test_contribution_statistics_see_the_fused_and_unimodal_logits(tiny_cfg):
         for i, m in enumerate(trainer.modalities):
             u = out.unimodal_logits[m].double()
             z = torch.cat([u, f], 1)  # eq 5's pair in logit space: (p^m, p^f)
-            assert torch.allclose(trainer.window.sum_z[m], z.sum(0), rtol=1e-6, atol=1e-8), m
-            assert torch.allclose(trainer.window.sum_zz[m], z.T @ z, rtol=1e-6, atol=1e-6), m
+            assert torch.allclose(trainer.monitor.window.sum_z[m], z.sum(0), rtol=1e-6, atol=1e-8), m
+            assert torch.allclose(trainer.monitor.window.sum_zz[m], z.T @ z, rtol=1e-6, atol=1e-6), m
             without = {k: (torch.zeros_like(v) if k == m else v) for k, v in out.embeddings.items()}
             logp_a = twin.fusion(without)[1].double().log_softmax(1)[torch.arange(len(y)), y]
-            assert float(trainer.window.loglik_gain[i]) == pytest.approx(float((logp_f - logp_a).sum()), rel=1e-6)
+            assert float(trainer.monitor.window.loglik_gain[i]) == pytest.approx(float((logp_f - logp_a).sum()), rel=1e-6)
             p_true = u.softmax(1)[torch.arange(len(y)), y]
-            assert float(trainer.window.true_prob[i]) == pytest.approx(float(p_true.sum()), rel=1e-6)
+            assert float(trainer.monitor.window.true_prob[i]) == pytest.approx(float(p_true.sum()), rel=1e-6)
 
 
 # ---------------------------------------------------------------- selection
@@ -203,13 +203,13 @@ def test_epoch_end_refresh_reads_the_whole_epoch_with_update_every(tiny_cfg):
     cfg = tiny_cfg(method={"strategy": "cal", "aib": "off", "update_every": 3}, optim={"epochs": 1})
     trainer = Trainer(cfg)
     seen = []
-    update = trainer.window.update
+    update = trainer.monitor.window.update
 
     def recording_update(labels, fused, unimodal, *rest):
         seen.append((labels.clone(), {m: v.detach().clone() for m, v in unimodal.items()}))
         update(labels, fused, unimodal, *rest)
 
-    trainer.window.update = recording_update
+    trainer.monitor.window.update = recording_update
     row = trainer.train_epoch(0)
     assert len(seen) == 8  # 256 samples / 32: refreshes after steps 3 and 6, then the epoch's end
     for m in trainer.modalities:

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from calray.checkpoint import load_checkpoint
+from calray.engine.checkpoint import load_checkpoint
 from calray.config import load_config, save_config
 from calray.train import main as train_main
-from calray.trainer import Trainer, train
+from calray.engine.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 MODS = ("audio", "visual")
@@ -154,18 +154,18 @@ def test_update_every_refreshes_within_the_epoch(tiny_cfg):
     cfg = tiny_cfg(name="upd", method={"update_every": 3}, optim={"epochs": 1})
     trainer = Trainer(cfg)
     calls = []
-    original = trainer.modulator.refresh
+    original = trainer.strategy.on_contributions
 
     def spy(w):
         calls.append(dict(w))
         return original(w)
 
-    trainer.modulator.refresh = spy
+    trainer.strategy.on_contributions = spy
     trainer.fit()
     steps = len(trainer.train_loader)
     assert steps >= 6
     assert len(calls) == steps // 3 + 1  # every 3 steps, plus the end of the epoch
-    assert len(trainer.tracker.history["audio"]) == 1  # only the epoch-end refresh is recorded
+    assert len(trainer.monitor.tracker.history["audio"]) == 1  # only the epoch-end refresh is recorded
 
 
 def test_synthetic_task_phi_and_info_larger_for_dominant_modality(tmp_path):

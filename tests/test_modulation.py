@@ -16,17 +16,33 @@ from calray.errors import ConfigError
 from calray.models import MultimodalModel, build_model
 from calray.models.encoders import MLPEncoder
 from calray.models.fusion import ConcatFusion
-from calray.modulation import (
-    GradientModulator,
-    apply_ogm_ge,
-    contribution_softmax,
-    modulation_coefficients,
-    ogm_coefficients,
-    ogm_scores,
-    scale_gradients,
-)
+from calray.config import RunConfig
+from calray.method.base import MethodContext, Step
+from calray.method.modulation import apply_ogm_ge, contribution_softmax, ogm_coefficients, ogm_scores, scale_gradients
+from calray.registry import STRATEGIES
 
 W = {"audio": 0.8, "visual": -0.3, "text": 0.1}
+PUBLISHED_OGM = {"aib": "off", "unimodal_weight": 0}
+
+
+def strategy_plugin(modalities=("audio", "visual"), **method):
+    """The strategy plug-in the loop would build for these method settings."""
+    if method.get("strategy") == "ogm_ge":
+        method = {**PUBLISHED_OGM, **method}
+    cfg = RunConfig(method=MethodConfig(**method))
+    return STRATEGIES.get(cfg.method.strategy)(cfg, list(modalities), MethodContext(0, [1, 1, 1], 3))
+
+
+def modulation_coefficients(strategy, W, T):
+    """a for W under `strategy`, as the plug-in refreshes it (eq 12 and its ablations)."""
+    return strategy_plugin(tuple(W), strategy=strategy, T=T).on_contributions(W)["a"]
+
+
+def after_backward(plugin, model, epoch, unimodal_logits, labels) -> dict:
+    """Run the plug-in's gradient hook as the loop does on an update; what it applied."""
+    out = type("Out", (), {"unimodal_logits": unimodal_logits})()
+    plugin.after_backward(model, Step(epoch, 0, labels, out, ce={}))
+    return plugin.last_applied
 
 
 
@@ -157,21 +173,21 @@ def test_modulator_warmup_and_none(model_and_batch):
     out = backward_grads(model, inputs, labels)
     ref = grads_by_name(model)
 
-    mod = GradientModulator(MethodConfig(strategy="cal", eta=1.0, T=1.0, warmup_epochs=2), ["audio", "visual"])
+    mod = strategy_plugin(strategy="cal", eta=1.0, T=1.0, warmup_epochs=2)
     assert mod.a == {"audio": 0.5, "visual": 0.5}  # uniform before the first refresh
-    a = mod.refresh({"audio": 2.0, "visual": 0.0})
+    a = mod.on_contributions({"audio": 2.0, "visual": 0.0})["a"]
     assert a["audio"] == pytest.approx(1 / (1 + math.exp(-2.0)))
-    assert mod.apply(model, 1, out.unimodal_logits, labels) == {}  # still warming up
+    assert after_backward(mod, model, 1, out.unimodal_logits, labels) == {}  # still warming up
     assert all(torch.equal(p.grad, ref[n]) for n, p in model.named_parameters())
-    applied = mod.apply(model, 2, out.unimodal_logits, labels)
+    applied = after_backward(mod, model, 2, out.unimodal_logits, labels)
     assert applied["audio"] == pytest.approx(1 + a["audio"])
     enc = dict(model.named_parameters())["encoders.audio.net.0.weight"]
     assert torch.allclose(enc.grad, (1 + a["audio"]) * ref["encoders.audio.net.0.weight"])
 
     backward_grads(model, inputs, labels)
-    none = GradientModulator(MethodConfig(strategy="none"), ["audio", "visual"])
-    none.refresh({"audio": 2.0, "visual": 0.0})
-    assert none.apply(model, 5, out.unimodal_logits, labels) == {}
+    none = strategy_plugin(strategy="none")
+    none.on_contributions({"audio": 2.0, "visual": 0.0})
+    assert after_backward(none, model, 5, out.unimodal_logits, labels) == {}
     assert all(torch.equal(p.grad, ref[n]) for n, p in model.named_parameters())
 
 
@@ -286,10 +302,10 @@ def test_ogm_suppression_lands_on_the_dominant_modality(strategy, dominant):
     method = dict(strategy=strategy, ogm_alpha=alpha, ogm_ge_noise=False)
     if strategy == "ogm_ge":
         method.update(aib="off", unimodal_weight=0)
-    modulator = GradientModulator(MethodConfig(**method), ["audio", "visual"])
+    modulator = strategy_plugin(**method)
     model = known_gradient_model()
     ref = grads_by_name(model)
-    applied = modulator.apply(model, 0, logits, labels)
+    applied = after_backward(modulator, model, 0, logits, labels)
     assert applied == {f"k_{dominant}": pytest.approx(k_dominant, rel=1e-6), f"k_{weak}": 1.0}
     scaled = 0
     for n, p in model.named_parameters():
@@ -305,12 +321,11 @@ def test_ogm_window_is_inclusive_as_in_the_reference():
     """The reference modulates while modulation_starts <= epoch <= modulation_ends (0-based)."""
     labels = torch.arange(12) % 3
     logits = {"audio": 4.0 * F.one_hot(labels, 3).float(), "visual": torch.zeros(12, 3)}
-    modulator = GradientModulator(MethodConfig(strategy="ogm_ge", aib="off", unimodal_weight=0,
-                                               ogm_epochs=(2, 5), ogm_ge_noise=False), ["audio", "visual"])
+    modulator = strategy_plugin(strategy="ogm_ge", ogm_epochs=(2, 5), ogm_ge_noise=False)
     for epoch, inside in ((1, False), (2, True), (5, True), (6, False)):
         model = known_gradient_model()
         ref = grads_by_name(model)
-        applied = modulator.apply(model, epoch, logits, labels)
+        applied = after_backward(modulator, model, epoch, logits, labels)
         assert bool(applied) == inside, epoch
         changed = not torch.equal(dict(model.named_parameters())["encoders.audio.net.0.weight"].grad,
                                   ref["encoders.audio.net.0.weight"])
@@ -343,7 +358,7 @@ def test_ogm_ge_mix_accepts_any_loss_and_ogm_ge_the_published_one(tiny_cfg):
 
 def hand_first_step_losses(cfg) -> tuple[float, float]:
     """Fused CE and Σ_m unimodal CE of the initial model on the whole training set, by hand."""
-    from calray.trainer import Trainer
+    from calray.engine.trainer import Trainer
 
     trainer = Trainer(cfg)  # the same seeded data and initialisation train() builds
     items = [trainer.splits.train[i] for i in range(len(trainer.splits.train))]
@@ -363,7 +378,7 @@ def test_published_ogm_ge_trains_on_the_fused_cross_entropy_only(tiny_cfg, strat
     same (AIB-free) model: fused + Σ_m unimodal CE."""
     import json
 
-    from calray.trainer import train
+    from calray.engine.trainer import train
 
     sections = dict(data={"batch_size": 256}, optim={"epochs": 1},
                     method={"strategy": strategy, "aib": "off", "unimodal_weight": unimodal_weight})

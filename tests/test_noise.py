@@ -9,7 +9,7 @@ import pytest
 
 from calray.config import NoiseConfig
 from calray.errors import ConfigError
-from calray.noise import (Attack, gaussian_noise, qmf_gaussian_noise, salt_pepper_noise, spectrogram_gaussian_noise,
+from calray.data.noise import (Attack, gaussian_noise, qmf_gaussian_noise, salt_pepper_noise, spectrogram_gaussian_noise,
                           spectrogram_salt_pepper_noise, split_attacks, text_noise)
 
 

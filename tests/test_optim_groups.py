@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from calray.errors import ConfigError
-from calray.trainer import Trainer
+from calray.engine.trainer import Trainer
 
 SCALE = 1.9  # strategy null, M = 2: a_m = 1/2, so 1 + η·a_m = 1.9 with η = 1.8
 

@@ -1,4 +1,4 @@
-"""Reports from a small synthetic sweep directory built here in the calray.sweep output layout."""
+"""Reports from a small synthetic sweep directory built here in the calray.sweep.runner output layout."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import yaml
 
 from calray.config import config_from_dict, save_config
 from calray.errors import CalrayError
-from calray.report import (SECTIONS, ReportError, compute_importance, load_paper_numbers, main, pct,
+from calray.report.render import (SECTIONS, ReportError, compute_importance, load_paper_numbers, main, pct,
                            write_report)
-from calray.trainer import train
+from calray.engine.trainer import train
 from tests.conftest import tiny_run_dict
 
 # (cell, dataset label, noise, trials); a trial = (trial_id, status, params, seed, epochs)
@@ -45,7 +45,7 @@ def _set(tree: dict, dotted: str, value) -> None:
 
 
 def build_sweep(root, tmp) -> None:
-    """A finished sweep directory in the calray.sweep contract, from real tiny training runs."""
+    """A finished sweep directory in the calray.sweep.runner contract, from real tiny training runs."""
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution
     from optuna.storages import JournalStorage
@@ -76,7 +76,7 @@ def build_sweep(root, tmp) -> None:
                 continue
             tree["optim"]["epochs"] = epochs
             cfg = config_from_dict(tree, tid)
-            from calray.trainer import RunContext
+            from calray.engine.trainer import RunContext
 
             summary = train(cfg, RunContext(run_dir=run_dir))
             per = {"test_acc": summary["test_acc"], "best_val_acc": summary["best_val_acc"],
@@ -113,7 +113,7 @@ def sweep_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     root = tmp / "mini"
     build_sweep(root, tmp)
-    from calray.robustness import run_grid
+    from calray.robustness.grid import run_grid
 
     run_grid(root, {"kinds": ["gaussian", "salt_pepper"], "eps": [0, 5], "modes": ["test"], "noise_seeds": 2})
     return root
@@ -268,7 +268,7 @@ def test_paper_numbers_file_is_consistent():
 
 
 def test_ablation_tables_put_the_paper_columns_beside_ours():
-    from calray.report import _paper_ablation
+    from calray.report.render import _paper_ablation
 
     paper = load_paper_numbers()["tables"]
     cols, rows = _paper_ablation(paper, "method.aib", "nyud2", ("nyud2", "salt_pepper", 5.0, "test"),

@@ -1,4 +1,4 @@
-"""A run dir is resumed only by a run of the same config (calray.resume): a changed strategy, AIB mode
+"""A run dir is resumed only by a run of the same config (calray.engine.resume): a changed strategy, AIB mode
 or learning rate is one clear error that changes nothing on disk; extending keys resume."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import json
 import pytest
 import yaml
 
-from calray.resume import RESUME_COMPATIBLE_KEYS, RunMismatchError, config_differences
+from calray.engine.resume import RESUME_COMPATIBLE_KEYS, RunMismatchError, config_differences
 from calray.train import main as train_main
-from calray.trainer import Trainer, train
-from calray.trial import execute_trial
+from calray.engine.trainer import Trainer, train
+from calray.ray.trial import execute_trial
 from tests.conftest import tiny_run_dict
 
 

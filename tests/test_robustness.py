@@ -12,8 +12,8 @@ import yaml
 
 from calray.config import config_from_dict
 from calray.errors import CalrayError, ConfigError
-from calray.robustness import main, parse_grid, run_grid
-from calray.trainer import train
+from calray.robustness.grid import main, parse_grid, run_grid
+from calray.engine.trainer import train
 from tests.conftest import tiny_run_dict
 
 
@@ -86,8 +86,8 @@ def test_grid_errors_name_the_key(tmp_path, capsys):
 
 def test_retrain_dir_left_by_a_different_config_is_refused_before_ray(run_dir, monkeypatch):
     """A retrain dir whose config.yaml differs (here: the lr) is not resumed: one error naming it."""
-    import calray.robustness as rob
-    from calray.resume import RunMismatchError
+    import calray.robustness.grid as rob
+    from calray.engine.resume import RunMismatchError
 
     grid = {"kinds": ["gaussian"], "eps": [5], "modes": ["train+test"], "train_seeds": [9], "noise_seeds": 1,
             "epochs": 1}
@@ -127,7 +127,7 @@ def test_train_test_retrains_as_ray_tune_trials(run_dir, ray_session):
     assert cfg["noise"]["kind"] == "gaussian" and cfg["noise"]["eps"] == 5.0 and cfg["noise"]["mode"] == "train+test"
     assert cfg["runtime"]["seed"] == 3 and cfg["optim"]["epochs"] == 1
     assert row["acc"] == json.loads((retrain / "summary.json").read_text())["test_acc"]
-    assert (retrain / "trial.json").is_file()  # it ran through calray.trial.run_trial
+    assert (retrain / "trial.json").is_file()  # it ran through calray.ray.trial.run_trial
     saved = pd.read_parquet(run_dir / "robustness.parquet")
     assert len(saved) == 2
     # a second call reuses the finished retrain instead of training again
@@ -141,7 +141,7 @@ def test_train_test_retrains_print_one_line_each_and_no_tune_tables(tmp_path, ra
     train(cfg)
     target = cfg.run_dir()
     capfd.readouterr()
-    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "0")  # Tune's classic reporter, as calray.sweep's driver sets it
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "0")  # Tune's classic reporter, as calray.sweep.runner's driver sets it
     run_grid(target, {"kinds": ["gaussian"], "eps": [0, 5], "modes": ["train+test"], "train_seeds": [7],
                       "noise_seeds": 1, "epochs": 1})
     out = capfd.readouterr()

@@ -1,4 +1,4 @@
-"""calray.sweep: sweep-file validation, --dry-run without Ray, trial determinism, and on one local
+"""calray.sweep.runner: sweep-file validation, --dry-run without Ray, trial determinism, and on one local
 Ray instance a tiny sweep (outputs, journal, best configs, failed cell) and --resume after a
 Ctrl-C (no trial lost, none duplicated)."""
 
@@ -18,8 +18,8 @@ import yaml
 
 from calray.config import load_config
 from calray.errors import ConfigError
-from calray.sweep_config import load_sweep
-from calray.trial import FINAL_KEY, execute_trial
+from calray.sweep.spec import load_sweep
+from calray.ray.trial import FINAL_KEY, execute_trial
 
 from tests.conftest import tiny_run_dict
 
@@ -67,7 +67,7 @@ def test_bad_sweep_file_names_file_and_key(tmp_path, patch, key):
 
 
 def test_cli_reports_one_line_error(tmp_path):
-    from calray.sweep import main
+    from calray.sweep.runner import main
 
     path = write_sweep(tmp_path, "bad", search={"space": {"method.TT": {"uniform": [0, 1]}}})
     r = subprocess.run([sys.executable, "-m", "calray.sweep", str(path), "--dry-run"], cwd=REPO,
@@ -102,7 +102,7 @@ def test_dry_run_imports_no_ray_and_ready_sweeps_validate():
     assert {"quickstart", "nyud2_noise", "mvsa_noise", "cremad_imbalance", "ks_imbalance", "ave_imbalance",
             "ablation_modulation", "ablation_aib", "ablation_contribution"} <= names
     code = ("import sys, io, contextlib\n"
-            "from calray.sweep import main\n"
+            "from calray.sweep.runner import main\n"
             f"for s in {sweeps!r}:\n"
             "    buf = io.StringIO()\n"
             "    with contextlib.redirect_stdout(buf):\n"
@@ -139,8 +139,8 @@ def _fake_trial(trial_id: str, config: dict, last_result: dict | None = None):
 def test_progress_lines_of_sweep_trials_and_robustness_retrains(tmp_path, capsys, monkeypatch):
     """One progress-line implementation: the sweep's cell line, the retrains' line, and their quiet switches."""
     pytest.importorskip("ray")
-    from calray import sweep_callbacks
-    from calray.sweep_callbacks import RetrainProgress, SweepCallback
+    from calray.sweep import progress as sweep_callbacks
+    from calray.sweep.progress import RetrainProgress, SweepCallback
 
     monkeypatch.setattr(sweep_callbacks, "PROGRESS", {**sweep_callbacks.PROGRESS, "cell_index": 1, "n_cells": 2,
                                                       "quiet": False, "interval_s": 30.0})
@@ -182,8 +182,9 @@ def test_progress_lines_of_sweep_trials_and_robustness_retrains(tmp_path, capsys
 
 
 def test_sweep_quiet_reaches_the_robustness_stage(tmp_path, monkeypatch):
-    from calray import report, robustness
-    from calray.sweep import finish_hooks
+    from calray.report import render as report
+    from calray.robustness import grid as robustness
+    from calray.sweep.runner import finish_hooks
 
     plan = load_sweep(write_sweep(tmp_path, "rob", robustness={"modes": ["train+test"], "eps": [5]}))
     calls = []
@@ -224,8 +225,8 @@ def _journal_trials(sdir: Path) -> dict[str, list]:
 def test_tiny_sweep_outputs(ray_cluster, tmp_path):
     import pandas as pd
 
-    from calray.sweep import main
-    from calray.trainer import train
+    from calray.sweep.runner import main
+    from calray.engine.trainer import train
 
     path = write_sweep(
         tmp_path, "tiny",
@@ -301,10 +302,11 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
 def test_resume_after_interrupt_adds_no_duplicates(ray_cluster, tmp_path):
     import pandas as pd
 
-    from calray.sweep import main
-    from calray.sweep_results import Manifest
+    from calray.sweep.runner import main
+    from calray.sweep.outputs import Manifest
 
     run = tiny_run_dict(tmp_path, optim={"name": "sgd", "lr": 0.05, "epochs": 3})
+    run["data"]["params"]["n_train"] = 6000  # trials of a few seconds: the interrupt lands mid-sweep
     path = write_sweep(tmp_path, "resumable", run=run, max_concurrent_trials=1,
                        search={"num_samples": 4, "seed": 1, "space": SPACE})
     sdir = tmp_path / "sweeps" / "resumable"

@@ -240,7 +240,7 @@ def test_features_params_validated(tmp_path):
 def test_features_statistics_land_in_data_info_json(tmp_path):
     import json
 
-    from calray.trainer import train
+    from calray.engine.trainer import train
 
     raw = write_mixed_scale_features(tmp_path / "f", with_val=False, n=(48, 0, 12))
     mlp = {"name": "mlp", "hidden": [8]}
@@ -297,7 +297,7 @@ def test_batched_loader_yields_the_per_sample_loaders_batches(tmp_path, noise):
     from torch.utils.data import DataLoader
 
     from calray.data.batched import batched_loader
-    from calray.sampling import ShardedSampler
+    from calray.data.sampling import ShardedSampler
 
     rng = np.random.default_rng(0)
     root = tmp_path / "feats"
@@ -330,7 +330,7 @@ def test_trainer_uses_whole_batches_only_where_a_dataset_offers_them(tiny_cfg):
     from torch.utils.data import Dataset
 
     from calray.data.base import DatasetSplits
-    from calray.trainer import Trainer
+    from calray.engine.trainer import Trainer
 
     cfg = tiny_cfg()
     trainer = Trainer(cfg)

@@ -5,9 +5,9 @@ import pytest
 import torch
 import yaml
 
-from calray.checkpoint import load_checkpoint
+from calray.engine.checkpoint import load_checkpoint
 from calray.errors import TrainingError
-from calray.trainer import Trainer, train
+from calray.engine.trainer import Trainer, train
 
 
 def read_rows(run_dir):
@@ -140,7 +140,7 @@ def test_linear_warmup_per_update(tiny_cfg, batch_size, accum, max_steps, per_ep
 
 
 def test_linear_warmup_resume_mid_run_repeats_the_lr_sequence(tiny_cfg):
-    from calray.trainer import RunContext
+    from calray.engine.trainer import RunContext
 
     def make(sub):
         return tiny_cfg(data={**tiny_cfg().data.model_dump(), "batch_size": 40},

@@ -6,7 +6,7 @@ T×3×S×S}, label)` with T = `params.frames` frames chosen by `media.frame_indi
 
 Frame transforms follow OGM-GE: train RandomResizedCrop(S) + horizontal flip per frame,
 evaluation Resize((S, S)); ImageNet normalisation. Attacks act on the uint8 frames after the
-geometric transform and on the spectrogram (calray.noise).
+geometric transform and on the spectrogram (calray.data.noise).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from calray.data.cache import RowCache, cache_dir_for
 from calray.data.media import (IMAGENET_MEAN, IMAGENET_STD, SpectrogramSettings, frame_indices, list_frames,
                                load_spectrogram_file, ogm_spectrogram, open_image, read_wav, to_tensor)
 from calray.errors import DatasetError
-from calray.noise import Attack
+from calray.data.noise import Attack
 
 MODALITIES = ["audio", "visual"]
 

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 from torch.utils.data import Dataset, Subset
 
+from calray.registry import DATASETS
 from calray.errors import ConfigError
 
 
@@ -32,25 +33,22 @@ class DatasetSplits:
 
 
 Builder = Callable[..., DatasetSplits]
-DATASETS: dict[str, Builder] = {}
+def register_dataset(name: str, path_params: tuple[str, ...] = ()):
+    """Register a dataset builder. `path_params`: its `data.params` keys that are filesystem paths
+    relative to the working directory (not to data.root), made absolute wherever a run moves to
+    another working directory (calray.config.absolute_paths)."""
 
-
-def register_dataset(name: str):
     def deco(fn: Builder) -> Builder:
-        DATASETS[name] = fn
-        return fn
+        fn.path_params = tuple(path_params)
+        return DATASETS.register(name)(fn)
 
     return deco
 
 
 def build_datasets(cfg) -> DatasetSplits:
     """Build the splits for `cfg` (a RunConfig), honouring `cfg.data.modalities`."""
-    import calray.data  # noqa: F401  (registers the built-in datasets)
-
     name = cfg.data.dataset
-    if name not in DATASETS:
-        raise ConfigError(f"data.dataset: unknown dataset {name!r}; known: {sorted(DATASETS)}")
-    splits = DATASETS[name](cfg)
+    splits = DATASETS.get(name)(cfg)  # the registry imports calray.data, which registers the built-ins
     if cfg.data.modalities:
         missing = [m for m in cfg.data.modalities if m not in splits.modalities]
         if missing:

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Subset
 
 from calray.data.base import DatasetSplits, derive_val_split
 from calray.errors import ConfigError, DatasetError
-from calray.noise import Attack, split_attacks
+from calray.data.noise import Attack, split_attacks
 
 
 def require_root(cfg, dataset: str, script: str) -> Path:

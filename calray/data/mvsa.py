@@ -30,7 +30,7 @@ from calray.data.base import parse_params, register_dataset
 from calray.data.common import SkipLog, assemble, require_file, require_root, wanted_modalities
 from calray.data.media import open_image, to_tensor
 from calray.errors import ConfigError, DatasetError
-from calray.noise import Attack
+from calray.data.noise import Attack
 
 SCRIPT = "prepare_mvsa.py"
 MODALITIES = ["image", "text"]
@@ -139,7 +139,7 @@ class MvsaDataset(Dataset):
         return inputs, self.rows[i]["label"]
 
 
-@register_dataset("mvsa_single")
+@register_dataset("mvsa_single", path_params=("tokenizer",))
 def build_mvsa(cfg):
     p = parse_params(MvsaParams, cfg.data.params, "mvsa_single")
     root = require_root(cfg, "mvsa_single", SCRIPT)

@@ -31,7 +31,7 @@ from calray.data.base import parse_params, register_dataset
 from calray.data.common import assemble, require_root, wanted_modalities
 from calray.data.media import open_image, to_tensor
 from calray.errors import ConfigError, DatasetError
-from calray.noise import Attack
+from calray.data.noise import Attack
 
 SCRIPT = "prepare_nyud2.py"
 MODALITIES = ["rgb", "depth"]

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from calray.errors import ConfigError
+from calray.registry import ENCODERS
 
-ENCODERS: dict[str, Callable[..., nn.Module]] = {}
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 def register_encoder(name: str):
-    def deco(fn):
-        ENCODERS[name] = fn
-        return fn
-
-    return deco
+    return ENCODERS.register(name)
 
 
 class ResNetEncoder(nn.Module):
@@ -109,8 +104,8 @@ class BertEncoder(nn.Module):
 
 
 for _arch in RESNETS:
-    ENCODERS[_arch] = (lambda arch: lambda ecfg, sample: ResNetEncoder(
-        arch, in_channels=ecfg.in_channels or _infer_channels(sample, ecfg.frames), frames=ecfg.frames))(_arch)
+    ENCODERS.register(_arch)((lambda arch: lambda ecfg, sample: ResNetEncoder(
+        arch, in_channels=ecfg.in_channels or _infer_channels(sample, ecfg.frames), frames=ecfg.frames))(_arch))
 
 
 @register_encoder("mlp")
@@ -156,8 +151,8 @@ def load_encoder_weights(encoder: nn.Module, path: str, modality: str) -> None:
 def build_encoder(ecfg, sample, modality: str) -> nn.Module:
     """`sample` is a batched example input (B×…) used to infer input sizes."""
     if ecfg.name not in ENCODERS:
-        raise ConfigError(f"model.encoders.{modality}.name: unknown encoder {ecfg.name!r}; known: {sorted(ENCODERS)}")
-    enc = ENCODERS[ecfg.name](ecfg, sample)
+        raise ConfigError(f"model.encoders.{modality}.name: unknown encoder {ecfg.name!r}; known: {ENCODERS.names()}")
+    enc = ENCODERS.get(ecfg.name)(ecfg, sample)
     if ecfg.weights:
         load_encoder_weights(enc, ecfg.weights, modality)
     return enc

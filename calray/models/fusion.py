@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from calray.errors import ConfigError
+from calray.registry import FUSIONS
 
 
 class Fusion(nn.Module):
@@ -103,16 +104,10 @@ class LateFusion(Fusion):
         return self.heads[m](embs[m])
 
 
-FUSIONS: dict[str, type[Fusion]] = {
-    "concat": ConcatFusion,
-    "sum": SumFusion,
-    "film": FiLMFusion,
-    "gated": GatedFusion,
-    "late": LateFusion,
-}
+for _name, _cls in (("concat", ConcatFusion), ("sum", SumFusion), ("film", FiLMFusion), ("gated", GatedFusion),
+                    ("late", LateFusion)):
+    FUSIONS.register(_name)(_cls)
 
 
 def build_fusion(name: str, dims: dict[str, int], num_classes: int, fusion_dim: int | None) -> Fusion:
-    if name not in FUSIONS:
-        raise ConfigError(f"model.fusion: unknown fusion {name!r}; known: {sorted(FUSIONS)}")
-    return FUSIONS[name](dims, num_classes, fusion_dim)
+    return FUSIONS.get(name)(dims, num_classes, fusion_dim)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from calray.aib import VariationalHead
+from calray.models.heads import VariationalHead
 from calray.models.encoders import build_encoder
 from calray.models.fusion import Fusion, build_fusion
 

@@ -45,7 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from calray.config import RunConfig, config_from_dict, load_config, read_yaml, validation_error_message
 from calray.errors import CalrayError, ConfigError
-from calray.resume import check_resumable
+from calray.ray.session import init_ray
+from calray.engine.resume import check_resumable
 
 KINDS = ("gaussian", "salt_pepper")
 MODES = ("test", "train+test")
@@ -263,9 +264,9 @@ def evaluate_test_grid(target: Target, spec: GridSpec) -> list[dict]:
     import torch
     from torch.utils.data import DataLoader
 
-    from calray.checkpoint import load_checkpoint
+    from calray.engine.checkpoint import load_checkpoint
     from calray.data.base import build_datasets
-    from calray.trainer import Trainer
+    from calray.engine.trainer import Trainer
 
     if target.checkpoint is None:
         raise CalrayError(f"{target.run_dir}: no checkpoint to evaluate (expected checkpoints/best.pt)")
@@ -384,7 +385,7 @@ def _finished_summary(plan: Retrain) -> dict | None:
 
 
 def _trial_config(plan: "Retrain") -> dict:
-    """The calray.trial.run_trial config of one retrain: the complete run config and its run dir."""
+    """The calray.ray.trial.run_trial config of one retrain: the complete run config and its run dir."""
     return {"run": plan.config, "run_dir": str(plan.run_dir), "cell": plan.target.cell, "sweep": "robustness"}
 
 
@@ -397,24 +398,15 @@ def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str 
     """Run the retrains as Ray Tune trials; returns {plan index: error message} for failed trials.
 
     Tune's own status tables are off (``verbose=0``); the driver prints one line per retrain as it
-    ends (`calray.sweep_callbacks.RetrainProgress`, the sweep's progress line), none when `quiet`.
+    ends (`calray.sweep.progress.RetrainProgress`, the sweep's progress line), none when `quiet`.
     """
     import ray
     from ray import tune
 
-    started = False
-    if not ray.is_initialized():
-        # None: a new local instance, never someone else's cluster found on this machine
-        kwargs: dict[str, Any] = {"address": address or "local", "log_to_driver": True}
-        if address is None:
-            # workers must import calray even when it is not installed (a source checkout)
-            root = str(Path(__file__).resolve().parent.parent)
-            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root}}
-        ray.init(**kwargs)
-        started = True
+    started = init_ray(address, key="--address", log_to_driver=True)
     try:
-        from calray.sweep_callbacks import RetrainProgress
-        from calray.trial import run_trial
+        from calray.sweep.progress import RetrainProgress
+        from calray.ray.trial import run_trial
 
         configs = [_trial_config(p) for p in plans]
         progress = RetrainProgress([_retrain_label(p) for p in plans], [str(p.run_dir) for p in plans],
@@ -533,7 +525,7 @@ def read_robustness(directory: Path) -> pd.DataFrame | None:
 
 
 def save_tables(df: pd.DataFrame, out_dir: Path, spec: GridSpec) -> pd.DataFrame:
-    from calray.checkpoint import atomic_write_bytes, write_json
+    from calray.io import atomic_write_bytes, write_json
 
     old = read_robustness(out_dir)
     if old is not None and not old.empty and not df.empty:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from calray.config import read_yaml
+from calray.config import absolute_paths, read_yaml
 from calray.errors import CalrayError
 
 # keys whose change keeps a run the same experiment (extend or observe only)
@@ -33,10 +33,6 @@ RESUME_COMPATIBLE_KEYS = frozenset({
     "distributed.collective_timeout_s",
     "distributed.max_failures",
 })
-# path-valued keys: compared after resolving against the working directory, because the Ray
-# layers store absolute paths where the CLI config had relative ones
-PATH_KEYS = frozenset({"data.root", "data.cache_dir"})
-PATH_SUFFIXES = (".weights", ".pretrained_path")
 MISSING = "<absent>"
 SHOWN_DIFFERENCES = 3
 
@@ -55,30 +51,23 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _is_path_key(key: str) -> bool:
-    return key in PATH_KEYS or (key.startswith("model.encoders.") and key.endswith(PATH_SUFFIXES))
-
-
-def _normalise(key: str, value: Any) -> Any:
-    if _is_path_key(key) and isinstance(value, str) and value:
-        return str(Path(value).expanduser().resolve())
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
 def config_differences(stored: dict, current: dict) -> list[tuple[str, Any, Any]]:
     """(key, stored value, current value) for every key outside RESUME_COMPATIBLE_KEYS that differs,
     sorted by key."""
     a, b = flatten(stored), flatten(current)
+    # paths compared absolute: the Ray layers store absolute paths where the CLI config had relative ones
+    abs_a, abs_b = flatten(absolute_paths(stored)), flatten(absolute_paths(current))
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key in RESUME_COMPATIBLE_KEYS:
             continue
-        old, new = _normalise(key, a.get(key, MISSING)), _normalise(key, b.get(key, MISSING))
-        if old != new:
+        if _plain(abs_a.get(key, MISSING)) != _plain(abs_b.get(key, MISSING)):
             diffs.append((key, a.get(key, MISSING), b.get(key, MISSING)))
     return diffs
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def check_resumable(run_dir: Path, current: dict) -> None:

@@ -16,12 +16,12 @@ from pathlib import Path
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from calray.sweep_results import Manifest, clean_metrics
-from calray.trial import FINAL_KEY, sampled_params
+from calray.sweep.outputs import Manifest, clean_metrics
+from calray.ray.trial import FINAL_KEY, sampled_params
 
 log = logging.getLogger("calray.sweep")
 
-# what the driver shows: set by calray.sweep before each Tuner.fit (a restored Tuner brings its
+# what the driver shows: set by calray.sweep.runner before each Tuner.fit (a restored Tuner brings its
 # pickled callback back, so display context lives here, not in the callback)
 PROGRESS = {"cell_index": 0, "n_cells": 0, "cells_done": 0, "quiet": False, "interval_s": 30.0}
 
@@ -261,7 +261,7 @@ class SweepCallback(TrialProgress):
 
 
 class RetrainProgress(TrialProgress):
-    """Progress of calray.robustness's train+test retrains: one line per retrain as it ends.
+    """Progress of calray.robustness.grid's train+test retrains: one line per retrain as it ends.
 
     The trials are Tune's grid over plan indices (``config["index"]``); `labels` and `run_dirs`
     name each index's retrain. `quiet` comes from the caller (``--quiet``), not from PROGRESS.

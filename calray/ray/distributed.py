@@ -2,7 +2,7 @@
 
 Nothing here copies the loop. Every worker builds a `RunContext` (rank, world size, device, DDP
 wrapping, a reporter that calls `ray.train.report` on every rank) and runs the same
-`calray.trainer.Trainer(...).fit()` as a single-process run. The loop already
+`calray.engine.trainer.Trainer(...).fit()` as a single-process run. The loop already
 
 - shards data with `ShardedSampler` (rank r takes positions r, r+W, … of one seeded order, so
   W workers × batch B/W see exactly the batches of 1 process × batch B; evaluation covers every
@@ -30,8 +30,8 @@ cluster put it on a shared filesystem (NFS, Lustre, …).
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -39,78 +39,20 @@ import signal
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from calray.dist import RankMismatchError, assert_ranks_agree  # noqa: F401 (re-exported)
 from calray.errors import ConfigError, TrainingError
-from calray.resume import check_resumable
+from calray.ray.session import init_ray
+from calray.engine.resume import check_resumable
 
 RAY_SUBDIR = "ray_train"  # Ray Train's experiment directory name, inside the run directory
 SHARED_MARKER = ".calray_shared_storage"  # written by the driver, read by every worker
 RANK_LOG_DIR = "ranks"  # per-rank copies of the reported rows (check_consistency only)
 INJECT_ENV = "CALRAY_INJECT_FAILURE"  # fault injection: "EPOCH[:RANK[:kill|raise]]", once per run dir
 SKIP_RESOURCE_CHECK_ENV = "CALRAY_SKIP_RESOURCE_CHECK"  # autoscaling clusters: don't pre-check resources
-
-
-class RankMismatchError(TrainingError):
-    """Ranks hold different values of something that must be identical everywhere (W, a, β)."""
-
-
-# ---------------------------------------------------------------------------- consistency check
-
-
-def _flatten(values: Mapping[str, Mapping[str, float]]) -> tuple[list[str], list[float]]:
-    keys, vals = [], []
-    for group in sorted(values):
-        for name in sorted(values[group]):
-            keys.append(f"{group}_{name}")
-            vals.append(float(values[group][name]))
-    return keys, vals
-
-
-def _checksum(keys: list[str], vals: list[float]) -> int:
-    h = hashlib.sha256()
-    h.update("\0".join(keys).encode())
-    h.update(torch.tensor(vals, dtype=torch.float64).numpy().tobytes())
-    return int.from_bytes(h.digest()[:8], "little", signed=True)
-
-
-def assert_ranks_agree(values: Mapping[str, Mapping[str, float]], device: torch.device | str | None = None,
-                       what: str = "contributions") -> None:
-    """Fail loudly unless every rank holds bit-identical `values` ({"W": {mod: v}, "a": ..., ...}).
-
-    All-gathers one int64 checksum (SHA-256 of the names and the float64 bytes) per rank; only on
-    a mismatch are the full values gathered, so the error names each disagreeing rank and value.
-    Every rank raises, so no rank is left waiting in a collective. No-op without an initialised
-    process group or with world size 1. Called by the trainer at every contribution refresh when
-    `distributed.check_consistency` is true.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    keys, vals = _flatten(values)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dist.get_backend() == "nccl" and dev.type != "cuda":
-        dev = torch.device("cuda", torch.cuda.current_device())
-    mine = torch.tensor([len(vals), _checksum(keys, vals)], dtype=torch.int64, device=dev)
-    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    if all(torch.equal(g, gathered[0]) for g in gathered):
-        return
-    table: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(table, dict(zip(keys, vals)))
-    ref = table[0]
-    lines = []
-    for r, row in enumerate(table[1:], start=1):
-        diffs = [f"{k}: rank 0 {ref.get(k)!r} vs rank {r} {row.get(k)!r}"
-                 for k in sorted(set(ref) | set(row)) if ref.get(k) != row.get(k)]
-        if diffs:
-            lines.append(f"rank {r} differs from rank 0 in " + "; ".join(diffs))
-    raise RankMismatchError(
-        f"ranks disagree on the {what} (they must be bit-identical after the SUM all-reduce; this rank: "
-        f"{dist.get_rank()}): " + " | ".join(lines))
 
 
 # ---------------------------------------------------------------------------- layout and config
@@ -333,7 +275,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     from calray.config import config_from_dict
     from calray.data.base import build_datasets
-    from calray.trainer import RunContext, Trainer
+    from calray.engine.trainer import RunContext, Trainer
 
     _quiet_report_log()
     cfg = config_from_dict(config["cfg"], "distributed worker config")
@@ -373,7 +315,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     def probe_inputs():
         from calray.models.multimodal import batched_sample
-        from calray.trainer import to_device
+        from calray.engine.evaluate import to_device
 
         return to_device(batched_sample(splits.train)[0], device)
 
@@ -460,34 +402,13 @@ def local_num_cpus(d) -> int:
     return max(4, math.ceil(d.workers * d.cpus_per_worker) + 1)
 
 
-def init_ray(cfg) -> bool:
-    """Connect to or start Ray for `cfg.distributed`; returns True when this call started it.
-
-    address None or "local" → a new local instance (`address="local"`, so a `ray start` cluster on
-    this machine is not picked up by accident) with `local_num_cpus` logical CPUs; "auto" → the cluster found
-    via RAY_ADDRESS / the last `ray start` on this machine; "host:port" → that cluster.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
+def start_ray(cfg) -> bool:
+    """Connect to or start Ray for `cfg.distributed` (calray.ray.session.init_ray); True when this
+    call started it. A local instance gets `local_num_cpus` logical CPUs."""
     d = cfg.distributed
-    if d.address in (None, "local"):
-        ray.init(address="local", num_cpus=local_num_cpus(d), log_to_driver=True)
-        return True
-    try:
-        ray.init(address=d.address, log_to_driver=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the fix
-        hint = ""
-        text = f"{type(e).__name__}: {e}"
-        if d.address != "auto" and not os.environ.get("RAY_AUTH_MODE"):
-            # Ray 2.60 only answers "Failed to connect" (after ~20 s of InvalidAuthToken retries):
-            # a client given an explicit address never turns token auth on by itself
-            hint = ("; if the cluster uses token auth (the default for `ray start --head` when "
-                    "~/.ray/auth_token exists), export RAY_AUTH_MODE=token (token from ~/.ray/auth_token or "
-                    "RAY_AUTH_TOKEN), or use --address auto on the head node")
-        raise ConfigError(f"distributed.address: cannot connect to Ray at {d.address!r} ({text}){hint}") from None
-    return True
+    local = d.address in (None, "local")
+    return init_ray(d.address, key="distributed.address", num_cpus=local_num_cpus(d) if local else None,
+                    log_to_driver=True, logging_level=logging.INFO)
 
 
 def check_resources(cfg) -> None:
@@ -555,7 +476,7 @@ def train_distributed(cfg, *, inject_failure: str | None = None) -> dict:
         check_resumable(run_dir, prepare_worker_config(cfg, run_dir).to_dict())
     if not cfg.runtime.resume and (run_dir / RAY_SUBDIR).exists():
         shutil.rmtree(run_dir / RAY_SUBDIR)
-    started = init_ray(cfg)
+    started = start_ray(cfg)
     try:
         check_resources(cfg)
         trainer = build_torch_trainer(cfg, run_dir=run_dir, inject_failure=inject_failure)
@@ -572,5 +493,5 @@ def train_distributed(cfg, *, inject_failure: str | None = None) -> dict:
     return summary
 
 
-__all__ = ["RankMismatchError", "assert_ranks_agree", "build_torch_trainer", "check_resources", "init_ray",
+__all__ = ["RankMismatchError", "assert_ranks_agree", "build_torch_trainer", "check_resources", "start_ray",
            "local_num_cpus", "run_dir_for", "storage_root", "train_distributed", "train_loop_per_worker"]

@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from calray.checkpoint import atomic_write_bytes, atomic_write_text
-from calray.sweep_config import Cell, SweepPlan
-from calray.trial import FINAL_KEY, TIME_ATTR, read_metrics, resolve_run_config
+from calray.io import atomic_write_bytes, atomic_write_text
+from calray.sweep.spec import Cell, SweepPlan
+from calray.ray.trial import FINAL_KEY, TIME_ATTR, read_metrics, resolve_run_config
 
 # keys Ray Tune adds to every result; they are not the run's metrics
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "date", "hostname",

@@ -13,29 +13,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-AIB_MODES = ("beta", "inv_beta", "mi", "mx", "mx_mi", "off")
+from calray.registry import AIB_MODES
+
 AIB_PLACEMENTS = ("eq19", "eq20")  # where β_m multiplies: I(Z;X) (eq 19) or I(Z;Y) (eq 20)
 MIN_BETA = 0.01  # floor for β before 1/β (inv_beta): caps that weight at 100
-
-
-class VariationalHead(nn.Module):
-    """h → (μ, log σ²) → z (eq 18)."""
-
-    def __init__(self, in_dim: int, latent_dim: int):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.params = nn.Linear(in_dim, 2 * latent_dim)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mu, logvar = self.params(h).chunk(2, dim=1)
-        logvar = logvar.clamp(-20.0, 20.0)
-        if self.training:
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        else:
-            z = mu
-        return z, mu, logvar
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -60,27 +42,55 @@ def compression_factors(a: dict[str, float]) -> dict[str, float]:
 
 
 def aib_weights(a: dict[str, float], mode: str) -> dict[str, float]:
-    """The weight w_m of each *included* modality in L_AIB (Table IV modes); `aib_loss` places it on
-    I(Z_m;X_m) (eq 19) or I(Z_m;Y) (eq 20).
+    """The weight w_m of each *included* modality in L_AIB (Table IV modes, the AIB_MODES registry);
+    `aib_loss` places it on I(Z_m;X_m) (eq 19) or I(Z_m;Y) (eq 20).
 
     beta: β_m (eq 17); inv_beta: 1/β_m (β floored at MIN_BETA); mi: only the lowest-contribution
     modality, unweighted (1.0); mx: only the highest, unweighted; mx_mi: both, unweighted; off: none.
     Ties in mi/mx go to the first modality in order.
     """
     if mode not in AIB_MODES:
-        raise ValueError(f"unknown AIB mode {mode!r}; known: {AIB_MODES}")
-    if mode == "off":
-        return {}
-    beta = compression_factors(a)
-    if mode == "beta":
-        return beta
-    if mode == "inv_beta":
-        return {m: 1.0 / max(b, MIN_BETA) for m, b in beta.items()}
-    order = list(a)
-    lo = min(order, key=lambda m: a[m])
-    hi = max(order, key=lambda m: a[m])
-    chosen = {"mi": [lo], "mx": [hi], "mx_mi": [hi, lo]}[mode]
-    return {m: 1.0 for m in order if m in chosen}
+        raise ValueError(f"unknown AIB mode {mode!r}; known: {AIB_MODES.names()}")
+    return AIB_MODES.get(mode)(a)
+
+
+@AIB_MODES.register("beta")
+def _beta(a):
+    return compression_factors(a)
+
+
+@AIB_MODES.register("inv_beta")
+def _inv_beta(a):
+    return {m: 1.0 / max(b, MIN_BETA) for m, b in compression_factors(a).items()}
+
+
+def _lowest(a):
+    return min(a, key=lambda m: a[m])
+
+
+def _highest(a):
+    return max(a, key=lambda m: a[m])
+
+
+@AIB_MODES.register("mi")
+def _mi(a):
+    return {_lowest(a): 1.0}
+
+
+@AIB_MODES.register("mx")
+def _mx(a):
+    return {_highest(a): 1.0}
+
+
+@AIB_MODES.register("mx_mi")
+def _mx_mi(a):
+    chosen = {_highest(a), _lowest(a)}
+    return {m: 1.0 for m in a if m in chosen}
+
+
+@AIB_MODES.register("off")
+def _off(a):
+    return {}
 
 
 def aib_loss(kl: dict[str, torch.Tensor], ce: dict[str, torch.Tensor], h_y: float,

@@ -19,13 +19,14 @@ Readings of the paper (see docs/METHOD.md):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from calray.registry import CONTRIBUTIONS
+
 R_EPS = 1e-8  # ε of eq 9
-VARIANTS = ("d_x_i", "d_plus_i", "d_only", "i_only", "kl")
 
 
 # ------------------------------------------------------------------ eq 3–6: Gaussian MI
@@ -278,25 +279,22 @@ def relative_improvement(history: list[float], t: int, n: int, eps: float = R_EP
 
 
 def combine(variant: str, phi: float, r: float, info: float, kl: float) -> tuple[float, float]:
-    """(D, W) for one modality under a Table V variant. D = φ·R (eq 10).
+    """(D, W) for one modality under a Table V variant (the CONTRIBUTIONS registry). D = φ·R (eq 10).
 
     d_x_i: W = D·I (eq 1); d_plus_i: D + I; d_only: D; i_only: I; kl: W = −KL(p^f ‖ p^m)
     (a modality whose prediction is closer to the fused one counts as contributing more).
     """
+    if variant not in CONTRIBUTIONS:
+        raise ValueError(f"unknown contribution variant {variant!r}; known: {CONTRIBUTIONS.names()}")
     d = phi * r
-    if variant == "d_x_i":
-        w = d * info
-    elif variant == "d_plus_i":
-        w = d + info
-    elif variant == "d_only":
-        w = d
-    elif variant == "i_only":
-        w = info
-    elif variant == "kl":
-        w = -kl
-    else:
-        raise ValueError(f"unknown contribution variant {variant!r}; known: {VARIANTS}")
-    return d, w
+    return d, CONTRIBUTIONS.get(variant)(d, info, kl)
+
+
+CONTRIBUTIONS.register("d_x_i")(lambda d, info, kl: d * info)
+CONTRIBUTIONS.register("d_plus_i")(lambda d, info, kl: d + info)
+CONTRIBUTIONS.register("d_only")(lambda d, info, kl: d)
+CONTRIBUTIONS.register("i_only")(lambda d, info, kl: info)
+CONTRIBUTIONS.register("kl")(lambda d, info, kl: -kl)
 
 
 @dataclass
@@ -312,16 +310,13 @@ class Contributions:
     acc: dict[str, float]
     kl: dict[str, float]
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 class ContributionTracker:
     """Turns accumulated statistics into W at each refresh and keeps the P^m history for R."""
 
     def __init__(self, modalities: list[str], variant: str = "d_x_i", n: int = 5, shrinkage: float = 1e-3):
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown contribution variant {variant!r}; known: {VARIANTS}")
+        if variant not in CONTRIBUTIONS:
+            raise ValueError(f"unknown contribution variant {variant!r}; known: {CONTRIBUTIONS.names()}")
         self.modalities = list(modalities)
         self.variant = variant
         self.n = n

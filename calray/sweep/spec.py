@@ -209,7 +209,7 @@ class SweepSpec(_Strict):
     max_concurrent_trials: int | None = Field(None, ge=1)
     max_failures: int = Field(0, ge=0)  # retries of a failed trial (a NaN run fails again: keep 0)
     ray: RaySpec = Field(default_factory=RaySpec)
-    robustness: dict[str, Any] | None = None  # passed to calray.robustness.run_grid
+    robustness: dict[str, Any] | None = None  # passed to calray.robustness.grid.run_grid
 
     @field_validator("name")
     @classmethod
@@ -429,7 +429,7 @@ def load_sweep(path: str | Path, num_samples: int | None = None, cwd: Path | Non
     except ValidationError as e:
         raise ConfigError(validation_error_message(e, str(path))) from None
     if spec.robustness is not None:  # fail now, not after every trial has run
-        from calray.robustness import parse_grid
+        from calray.robustness.grid import parse_grid
 
         parse_grid(spec.robustness, source=str(path), prefix="robustness")
     cells = build_cells(spec, path, cwd)

@@ -1,6 +1,5 @@
-"""Atomic file writes (temp file + rename, the umask's mode) and checkpoints loaded with
-`weights_only=True`. Torch is imported only by the checkpoint functions, so the sweep driver's
-writers (calray.sweep_results) stay light."""
+"""File writing shared by every layer: atomic writes (temp file + rename, the umask's mode), JSON
+and JSON lines, and making a config's paths absolute. No torch: the sweep driver stays light."""
 
 from __future__ import annotations
 
@@ -9,8 +8,6 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-
-from calray.errors import CalrayError
 
 _UMASK_LOCK = threading.Lock()
 
@@ -64,27 +61,39 @@ def atomic_write_bytes(path: Path, writer) -> None:
         raise
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    import torch
-
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CalrayError(f"{path}: checkpoint not found")
-    import torch
-
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CalrayError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- JSON lines
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file; [] when it does not exist. A torn last line (a crash while
+    appending) is skipped, any other unreadable line too."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Replace the file with `rows`, atomically (a truncation never leaves half a file)."""
+    atomic_write_text(Path(path), "".join(json.dumps(r, default=str) + "\n" for r in rows))

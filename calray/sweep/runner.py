@@ -24,10 +24,11 @@ from pathlib import Path
 
 import yaml
 
-from calray.checkpoint import atomic_write_text
+from calray.io import atomic_write_text
+from calray.ray.session import init_ray
 from calray.errors import CalrayError, ConfigError
-from calray.sweep_config import Cell, SweepPlan, example_params, load_sweep, stored_spec
-from calray.sweep_results import FINISHED, Manifest, manifest_path, write_outputs
+from calray.sweep.spec import Cell, SweepPlan, example_params, load_sweep, stored_spec
+from calray.sweep.outputs import FINISHED, Manifest, manifest_path, write_outputs
 
 log = logging.getLogger("calray.sweep")
 
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
 
 
 def dry_run(plan: SweepPlan, cells: list[Cell], args) -> None:
-    from calray.trial import resolve_run_config
+    from calray.ray.trial import resolve_run_config
 
     spec = plan.spec
     sdir = sweep_dir_of(plan, args.storage_path)
@@ -170,32 +171,9 @@ def _init_ray(address: str | None, plan: SweepPlan) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if ray.is_initialized():
-        return
-    repo = str(Path(__file__).resolve().parent.parent)
-    pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
-    if address:
-        # a running cluster: its workers do not inherit this shell's environment
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_CHDIR_TO_TRIAL_DIR": "0"}})
-        except ConnectionError as e:
-            hint = ("" if os.environ.get("RAY_AUTH_MODE") else
-                    "; clusters started by `ray start` use token auth: set RAY_AUTH_MODE=token (the token is "
-                    "~/.ray/auth_token on the head node) or run with --address auto on the head node")
-            raise CalrayError(f"--address {address}: cannot connect to a Ray cluster there ({e}); is one running at that address{hint}") from None
-    else:
-        os.environ["PYTHONPATH"] = pythonpath  # inherited by the local Ray's workers
-        kw = {}
-        if plan.spec.ray.num_cpus is not None:
-            kw["num_cpus"] = plan.spec.ray.num_cpus
-        if plan.spec.ray.num_gpus is not None:
-            kw["num_gpus"] = plan.spec.ray.num_gpus
-        # keep the dashboard (state API) on: with ASHA + multi-worker trials its absence left a
-        # stopped trial's placement group behind and the next trial hung (ray_facts §3.5)
-        # address="local": a new Ray instance even when a `ray start` cluster runs on this machine
-        # (a bare ray.init() would join that one); --address auto joins it on purpose
-        ray.init(address="local", log_to_driver=False, logging_level=logging.WARNING, **kw)
+    # keep the dashboard (state API) on: with ASHA + multi-worker trials its absence left a stopped
+    # trial's placement group behind and the next trial hung (ray_facts §3.5)
+    init_ray(address, key="--address", num_cpus=plan.spec.ray.num_cpus, num_gpus=plan.spec.ray.num_gpus)
 
 
 def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, resume: bool = False,
@@ -208,7 +186,7 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
     atomic_write_text(sdir / "sweep.yaml", yaml.safe_dump(stored_spec(plan), sort_keys=False))
     address = address or spec.ray.address
     _init_ray(address, plan)
-    from calray import sweep_callbacks
+    from calray.sweep import progress as sweep_callbacks
 
     sweep_callbacks.PROGRESS.update(n_cells=len(cells), cells_done=0, quiet=quiet)
     print(f"sweep {spec.name}: {len(cells)} cell(s) × {plan.num_samples()} trial(s) → {sdir}", flush=True)
@@ -242,9 +220,9 @@ def finish_hooks(plan: SweepPlan, sdir: Path, address: str | None, quiet: bool =
     status = 0
     if plan.spec.robustness:
         try:
-            from calray.robustness import run_grid
+            from calray.robustness.grid import run_grid
         except (ImportError, AttributeError) as e:
-            print(f"robustness grid skipped: calray.robustness.run_grid unavailable ({e})", flush=True)
+            print(f"robustness grid skipped: calray.robustness.grid.run_grid unavailable ({e})", flush=True)
         else:
             try:
                 run_grid(sdir, plan.spec.robustness, address, quiet=quiet)
@@ -253,9 +231,9 @@ def finish_hooks(plan: SweepPlan, sdir: Path, address: str | None, quiet: bool =
                 print(f"robustness grid failed: {type(e).__name__}: {e} (sweep outputs kept)", file=sys.stderr)
                 status = 1
     try:
-        from calray.report import write_report
+        from calray.report.render import write_report
     except (ImportError, AttributeError) as e:
-        print(f"report skipped: calray.report.write_report unavailable ({e})", flush=True)
+        print(f"report skipped: calray.report.render.write_report unavailable ({e})", flush=True)
     else:
         try:
             write_report(sdir)
@@ -305,7 +283,7 @@ def _domain(dist):
 def _trainable(plan: SweepPlan):
     from ray import tune
 
-    from calray.trial import run_trial
+    from calray.ray.trial import run_trial
 
     r = plan.spec.resources
     if r.workers > 1:  # the trial drives a TorchTrainer whose workers reserve their own resources
@@ -327,8 +305,8 @@ def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_o
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from calray.sweep_callbacks import CalOptunaSearch, SweepCallback, trial_dirname
-    from calray.trial import TIME_ATTR
+    from calray.sweep.progress import CalOptunaSearch, SweepCallback, trial_dirname
+    from calray.ray.trial import TIME_ATTR
 
     spec = plan.spec
     s = spec.search

@@ -1,6 +1,6 @@
 """`run_trial(config)`: the Ray Tune function trainable that runs one calray training run.
 
-The sweep (calray.sweep) and the robustness layer (calray.robustness) launch it through Ray
+The sweep (calray.sweep.runner) and the robustness layer (calray.robustness.grid) launch it through Ray
 Tune. Its `config` is a plain dict:
 
     run          (required) a complete run-config dict (RunConfig.to_dict() shape)
@@ -24,13 +24,13 @@ What it reports to Tune (`ray.tune.report`), all numeric:
   `epochs_done` never goes backwards, so ASHA counts no extra rung. `run_dir` is a string in
   every report. Per-epoch tables must skip rows with `final == 1`.
 
-The run dir holds what `calray.trainer` writes (config.yaml — the resolved config —, env.json
+The run dir holds what `calray.engine.trainer` writes (config.yaml — the resolved config —, env.json
 with library versions and seeds, metrics.jsonl, summary.json, checkpoints/) plus trial.json
 (trial id, params, seed, versions) and, for a failed trial, error.txt (one line). The in-process
 trainer's console output goes to train.log there instead of the Ray driver's console.
 
 One worker (`distributed.workers == 1`): the loop runs in this process. More workers: a Ray
-Train `TorchTrainer` from `calray.distributed.build_torch_trainer`, whose rank-0 reports reach
+Train `TorchTrainer` from `calray.ray.distributed.build_torch_trainer`, whose rank-0 reports reach
 Tune through `TuneReportCallback` (Tune(trainer) is unsupported in Ray 2.60).
 """
 
@@ -145,8 +145,8 @@ def _cached_splits(cfg: RunConfig):
 
 
 def _write_trial_json(run_dir: Path, config: dict, cfg: RunConfig, trial_id: str) -> None:
-    from calray.checkpoint import write_json
-    from calray.runinfo import library_versions
+    from calray.io import write_json
+    from calray.engine.runinfo import library_versions
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "trial.json", {
@@ -215,7 +215,7 @@ def _epoch_report(row: dict, run_dir: Path) -> dict:
 
 
 def _run_in_process(cfg: RunConfig, run_dir: Path, report) -> tuple[dict, list[dict]]:
-    from calray.trainer import RunContext, train
+    from calray.engine.trainer import RunContext, train
 
     def reporter(row: dict, ckpt_path) -> None:
         report(_epoch_report(row, run_dir))
@@ -230,10 +230,10 @@ def _run_in_process(cfg: RunConfig, run_dir: Path, report) -> tuple[dict, list[d
 def _run_distributed(cfg: RunConfig, run_dir: Path, report) -> tuple[dict, list[dict]]:
     """>1 workers: a TorchTrainer inside this trial; rank-0 reports reach Tune via a callback."""
     try:
-        from calray.distributed import build_torch_trainer
+        from calray.ray.distributed import build_torch_trainer
     except ImportError as e:
         raise ConfigError(f"distributed.workers={cfg.distributed.workers}: multi-worker trials need "
-                          f"calray.distributed.build_torch_trainer ({e})") from None
+                          f"calray.ray.distributed.build_torch_trainer ({e})") from None
     callback = _epoch_report_callback(run_dir)
     # Ray Train's run lives in <run_dir>/ray_train under a fixed name, so a trial that Tune
     # restarts (sweep --resume) continues from its latest Train checkpoint

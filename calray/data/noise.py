@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from calray.errors import ConfigError
+from calray.registry import NOISE_KINDS
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
@@ -80,6 +81,12 @@ def salt_pepper_noise(img: np.ndarray, density: float, rng: np.random.Generator)
     out[u < density / 2] = 0
     out[(u >= density / 2) & (u < density)] = 255
     return out
+
+
+# noise kinds, as `noise.kind` names them: "none", or the image attack each one applies
+NOISE_KINDS.register("none")(None)
+NOISE_KINDS.register("gaussian")(gaussian_noise)
+NOISE_KINDS.register("salt_pepper")(salt_pepper_noise)
 
 
 def text_noise(text: str, p_word: float, rng: np.random.Generator) -> str:

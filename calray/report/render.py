@@ -5,10 +5,10 @@ for what each section shows and where its numbers come from.
 
 `python -m calray.report PATH`; `write_report(path) -> (html_path, md_path)`.
 
-Inputs (sweep directory, the calray.sweep output contract): ``cells.json``, ``trials.parquet``
+Inputs (sweep directory, the calray.sweep.runner output contract): ``cells.json``, ``trials.parquet``
 (or ``trials.csv``), ``sweep.yaml``, ``optuna.journal`` (one study per cell), ``best/<cell>.yaml``,
 each trial's run dir (``metrics.jsonl``, ``summary.json``, ``config.yaml``) and, when the grid was
-run, ``robustness.parquet``/``robustness.csv`` (calray.robustness). A run directory
+run, ``robustness.parquet``/``robustness.csv`` (calray.robustness.grid). A run directory
 (``config.yaml`` + ``metrics.jsonl``/``summary.json``) is reported as a one-cell, one-trial sweep.
 The paper's numbers come from ``calray/paper_numbers.yaml`` and are always labelled as the paper's.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from calray.checkpoint import atomic_write_bytes, atomic_write_text
+from calray.io import atomic_write_bytes, atomic_write_text
 from calray.errors import CalrayError
 
 PAPER_FILE = Path(__file__).with_name("paper_numbers.yaml")
@@ -460,7 +460,7 @@ def load_sweep(root: Path) -> ReportData:
         spec, _ = _read_yaml_file(root / "sweep.yaml", "sweep file")
     cells = [_cell_info(root, rec, per_trial) for rec in cells_raw]
     journal = root / "optuna.journal"
-    from calray.robustness import read_robustness
+    from calray.robustness.grid import read_robustness
 
     name = (spec or {}).get("name") if isinstance(spec, dict) else None
     return ReportData(kind="sweep", root=root, name=name or root.name,
@@ -493,7 +493,7 @@ def load_run(root: Path) -> ReportData:
     per_trial = per_trial_table(trials)
     cell = _cell_info(root, rec, per_trial)
     cell.config, cell.config_text, cell.config_path = config, text, root / "config.yaml"
-    from calray.robustness import read_robustness
+    from calray.robustness.grid import read_robustness
 
     return ReportData(kind="run", root=root, name=name, sweep_spec=None, cells=[cell], trials=trials,
                       per_trial=per_trial, journal=None, robustness=read_robustness(root))
@@ -562,7 +562,7 @@ def seed_replicates(data: ReportData, cell: CellInfo, best: pd.Series) -> pd.Dat
 def _robust_summary(data: ReportData) -> pd.DataFrame | None:
     if data.robustness is None or data.robustness.empty:
         return None
-    from calray.robustness import summarize
+    from calray.robustness.grid import summarize
 
     return summarize(data.robustness)
 

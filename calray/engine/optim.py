@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from calray.errors import ConfigError
+from calray.method.plugins import modulates_gradients
 
 ADAPTIVE = frozenset({"adam", "adamw"})  # invariant to a constant gradient scale
-MODULATING_STRATEGIES = frozenset({"cal", "weak", "null", "ogm_ge", "ogm_ge_mix"})
 DEFAULT_GROUP = "default"
 
 
@@ -38,7 +38,7 @@ def modality_optimizers(o, modalities: list[str]) -> dict[str, str]:
 def adaptive_modulation_warnings(cfg, modalities: list[str]) -> list[str]:
     """One message per modality whose gradient a strategy rescales under an optimiser that undoes it."""
     strategy = cfg.method.strategy
-    if strategy not in MODULATING_STRATEGIES:
+    if not modulates_gradients(strategy):
         return []
     out = []
     for m, name in modality_optimizers(cfg.optim, modalities).items():

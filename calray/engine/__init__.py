@@ -1,0 +1,1 @@
+"""The one training loop, its optimisers and schedules, evaluation, checkpoints and run files."""

@@ -1,0 +1,92 @@
+"""The method plug-in interface: what a training method may do to the one loop.
+
+Composer's algorithms-on-events, cut to the hook points the paper's methods and baselines need. The
+loop (calray.engine.trainer) calls, for every plug-in of the run in order:
+
+per step
+    `loss_terms(step, terms)`  edit the named, already-weighted loss terms before they are summed —
+                               add one (AIB, PMR's prototype loss, QMF's ranking term), reweight
+                               (Grad-Blending's per-head weights) or keep a subset (MLA's
+                               alternating unimodal step);
+    `backward(terms, model)`   optionally run the backward pass itself (MMPareto combines two
+                               gradients per encoder); return True when it did;
+    `after_backward(model, step)`  edit gradients after backward, before clipping and the
+                               optimiser step, on the accumulated gradient (eq 14, OGM-GE, AGM);
+at each contribution refresh (epoch end, or every `method.update_every` steps)
+    `on_contributions(W)`      react to the all-reduced modality contributions W (eq 1); return the
+                               per-modality values to log, which ranks must agree on ({"a": {...}});
+at each epoch end
+    `on_epoch_end(model, epoch, evaluate)`  edit the model (D&R's re-initialisation) or re-estimate
+                               from held-out data (`evaluate("val")` runs the loop's evaluation);
+                               returns scalars to log;
+for checkpoints
+    `state_dict()` / `load_state_dict(state)`.
+
+Every hook defaults to doing nothing, so a plug-in implements only what its method does. A
+plug-in registers itself by name in a registry (calray.registry), and `create_methods` builds the
+run's plug-ins from the config: the gradient strategy (`method.strategy`) and the AIB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Step:
+    """What the per-step hooks see. `log` collects detached scalars for the epoch means
+    (`train_<name>` in metrics.jsonl)."""
+
+    epoch: int
+    step: int
+    labels: torch.Tensor
+    out: object  # calray.models.multimodal.ModelOutput
+    ce: dict[str, torch.Tensor]  # CE(p^m, y) per modality, unweighted (eq 21)
+    log: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+Evaluate = Callable[[str], dict]  # split name → that split's metrics (the loop's evaluation)
+
+
+class Method:
+    """Base plug-in: every hook a no-op."""
+
+    name = "base"
+
+    def __init__(self, cfg, modalities: list[str], context: "MethodContext"):
+        self.cfg = cfg
+        self.modalities = list(modalities)
+        self.context = context
+
+    def loss_terms(self, step: Step, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return terms
+
+    def backward(self, terms: dict[str, torch.Tensor], model) -> bool:
+        return False
+
+    def after_backward(self, model, step: Step) -> None:
+        return None
+
+    def on_contributions(self, W: dict[str, float]) -> dict[str, dict[str, float]]:
+        return {}
+
+    def on_epoch_end(self, model, epoch: int, evaluate: Evaluate) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+@dataclass
+class MethodContext:
+    """What a plug-in may know about the run beyond its config."""
+
+    seed: int
+    train_class_counts: list[int]  # label histogram of the training split (H(Y) of eq 19–20)
+    num_classes: int

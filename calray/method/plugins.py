@@ -1,0 +1,20 @@
+"""The run's method plug-ins, built from its config: the gradient strategy (`method.strategy`, from the
+strategy registry) followed by the asymmetric information bottleneck (always present: β is logged
+even with `method.aib: off`, when it adds no loss term)."""
+
+from __future__ import annotations
+
+from calray.method import strategies, ogm_ge  # noqa: F401, I001 — importing registers them, in this order
+from calray.method.asymmetric_ib import AsymmetricIB
+from calray.method.base import Method, MethodContext
+from calray.registry import STRATEGIES
+
+
+def create_methods(cfg, modalities: list[str], context: MethodContext) -> list[Method]:
+    strategy = STRATEGIES.get(cfg.method.strategy)(cfg, modalities, context)
+    return [strategy, AsymmetricIB(cfg, modalities, context)]
+
+
+def modulates_gradients(strategy: str) -> bool:
+    """Whether `strategy` rescales gradients (and so is undone by an adaptive optimiser)."""
+    return bool(getattr(STRATEGIES.get(strategy), "modulates", False))
