@@ -83,8 +83,8 @@ MUTANTS = [
       "model selection on test instead of validation"),
     M("test_last_weights", "calray/engine/trainer.py", "        if best_path.is_file():\n            self.raw_model.load_state_dict(",
       "        if False:\n            self.raw_model.load_state_dict(", "final test on the last weights, not the best-on-val"),
-    M("best_every_epoch", "calray/engine/trainer.py", "                if improved:\n                    save_checkpoint(",
-      "                if True:\n                    save_checkpoint(", "best.pt overwritten every epoch"),
+    M("best_every_epoch", "calray/engine/trainer.py", "            if improved:\n                save_checkpoint(",
+      "            if True:\n                save_checkpoint(", "best.pt overwritten every epoch"),
     # ---- modulation (eq 12–14) and OGM-GE
     M("eta_ignored", "calray/method/modulation.py", "s = 1.0 + eta * am", "s = 1.0 + am", "η of eq 14 ignored"),
     M("scale_sign", "calray/method/modulation.py", "s = 1.0 + eta * am", "s = 1.0 - eta * am", "eq 14 subtracts"),

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from calray.engine.checkpoint import load_checkpoint
-from calray.config import load_config, save_config
+from calray.config import MethodConfig, load_config, save_config
+from calray.registry import AIB_MODES, CONTRIBUTIONS, STRATEGIES
 from calray.train import main as train_main
 from calray.engine.trainer import Trainer, train
 
@@ -89,6 +90,14 @@ CASES = {
     "update_every": {"update_every": 3},
     "warmup": {"warmup_epochs": 1, "latent_dim": 8},
 }
+
+
+def test_cases_cover_every_registered_name():
+    """A newly registered strategy, contribution variant or AIB mode must get a case here."""
+    defaults = MethodConfig()
+    for registry, key in ((STRATEGIES, "strategy"), (CONTRIBUTIONS, "contribution"), (AIB_MODES, "aib")):
+        covered = {case.get(key, getattr(defaults, key)) for case in CASES.values()}
+        assert set(registry.names()) <= covered, f"{key}: no case for {set(registry.names()) - covered}"
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -17,8 +17,9 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 from torch.utils.data import Dataset, Subset
 
-from calray.registry import DATASETS
+from calray.config import validation_error_message
 from calray.errors import ConfigError
+from calray.registry import DATASETS
 
 
 @dataclass
@@ -61,8 +62,6 @@ def build_datasets(cfg) -> DatasetSplits:
 
 def parse_params(model: type[BaseModel], params: dict, dataset: str) -> BaseModel:
     """Validate `data.params` with a dataset's own pydantic model; errors name `data.params.KEY`."""
-    from calray.config import validation_error_message
-
     try:
         return model.model_validate(params or {})
     except ValidationError as e:

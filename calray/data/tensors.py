@@ -214,6 +214,42 @@ def extreme_scale_warnings(feats: dict[str, np.ndarray]) -> list[str]:
     return out
 
 
+def _read_feature_files(cfg):
+    """(root, train, val or None, test) as (features by modality, labels), checked for shape."""
+    if not cfg.data.root:
+        raise ConfigError("data.root: the features dataset needs a root directory")
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise DatasetError("features root does not exist", root)
+    for split in ("train", "test"):
+        if not (root / f"{split}.npz").is_file():
+            raise DatasetError(f"missing {split}.npz", root / f"{split}.npz")
+    train, test = _load_npz(root / "train.npz"), _load_npz(root / "test.npz")
+    val = _load_npz(root / "val.npz") if (root / "val.npz").is_file() else None
+    modalities = sorted(train[0])
+    for name, split in (("test", test), ("val", val)):
+        if split is not None and sorted(split[0]) != modalities:
+            raise DatasetError(f"{name}.npz modalities {sorted(split[0])} differ from train.npz {modalities}", root)
+    return root, train, val, test
+
+
+def _scaling(fit: dict[str, np.ndarray], enabled: bool, source: str):
+    """(info, f): f z-scores a split with the statistics of `fit` (the rows trained on), or returns
+    it unchanged when standardisation is off — then extreme scales are warned about."""
+    if enabled:
+        mean, std = standardization_stats(fit)
+        info = {"standardize": {"enabled": True, "source": source, "mean": {m: v.tolist() for m, v in mean.items()},
+                                "std": {m: v.tolist() for m, v in std.items()}}}
+        return info, lambda feats: standardize(feats, mean, std)
+    info: dict = {"standardize": {"enabled": False}}
+    messages = extreme_scale_warnings(fit)
+    for msg in messages:
+        warnings.warn(msg, stacklevel=3)
+    if messages:
+        info["warnings"] = messages
+    return info, lambda feats: feats
+
+
 @register_dataset("features")
 def build_features(cfg) -> DatasetSplits:
     """Pre-extracted features: `<root>/{train,val,test}.npz` with `y` and `x_<modality>` (N×d).
@@ -223,45 +259,18 @@ def build_features(cfg) -> DatasetSplits:
     scales; the noise transform then acts on the standardised values.
     """
     p = parse_params(FeaturesParams, cfg.data.params, "features")
-    if not cfg.data.root:
-        raise ConfigError("data.root: the features dataset needs a root directory")
-    root = Path(cfg.data.root)
-    if not root.is_dir():
-        raise DatasetError("features root does not exist", root)
-    for split in ("train", "test"):
-        if not (root / f"{split}.npz").is_file():
-            raise DatasetError(f"missing {split}.npz", root / f"{split}.npz")
-    train_f, train_y = _load_npz(root / "train.npz")
-    test_f, test_y = _load_npz(root / "test.npz")
+    root, (train_f, train_y), val, (test_f, test_y) = _read_feature_files(cfg)
     modalities = sorted(train_f)
-    if sorted(test_f) != modalities:
-        raise DatasetError(f"test.npz modalities {sorted(test_f)} differ from train.npz {modalities}", root)
-    val_f = val_y = None
-    if (root / "val.npz").is_file():
-        val_f, val_y = _load_npz(root / "val.npz")
-        if sorted(val_f) != modalities:
-            raise DatasetError(f"val.npz modalities {sorted(val_f)} differ from train.npz {modalities}", root)
+    val_f, val_y = val if val is not None else (None, None)
+    if val is not None:
         fit_rows = np.arange(len(train_y))
     else:  # the rows derive_val_split keeps below (same labels, fraction and seed)
         fit_rows, _ = stratified_split(train_y, cfg.data.val_fraction, cfg.data.seed)
-    fit = {m: x[fit_rows] for m, x in train_f.items()}
-    info: dict = {}
-    if p.standardize:
-        mean, std = standardization_stats(fit)
-        train_f, test_f = standardize(train_f, mean, std), standardize(test_f, mean, std)
-        if val_f is not None:
-            val_f = standardize(val_f, mean, std)
-        held = "" if val_f is not None else f"; the {len(train_y) - len(fit_rows)} held-out validation rows excluded"
-        info["standardize"] = {"enabled": True, "source": f"train rows (N={len(fit_rows)}{held})",
-                               "mean": {m: mean[m].tolist() for m in modalities},
-                               "std": {m: std[m].tolist() for m in modalities}}
-    else:
-        info["standardize"] = {"enabled": False}
-        messages = extreme_scale_warnings(fit)
-        for msg in messages:
-            warnings.warn(msg, stacklevel=2)
-        if messages:
-            info["warnings"] = messages
+    held = "" if val is not None else f"; the {len(train_y) - len(fit_rows)} held-out validation rows excluded"
+    info, scale = _scaling({m: x[fit_rows] for m, x in train_f.items()}, p.standardize,
+                           f"train rows (N={len(fit_rows)}{held})")
+    train_f, test_f = scale(train_f), scale(test_f)
+    val_f = scale(val_f) if val_f is not None else None
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     train = FeatureDataset(train_f, train_y, feature_noise_transform(cfg, "train", modalities))
     if val_f is not None:

@@ -25,12 +25,11 @@ from torch.utils.data import DataLoader
 
 from calray.config import RunConfig
 from calray.data.base import DatasetSplits, build_datasets, dataset_labels
-from calray.data.batched import batched_loader
-from calray.data.sampling import ShardedSampler
 from calray.dist import all_reduce_sum, assert_ranks_agree, barrier
 from calray.engine.checkpoint import load_checkpoint, save_checkpoint
 from calray.engine.contributions import ContributionMonitor
 from calray.engine.evaluate import evaluate, to_device
+from calray.engine.loaders import make_loader
 from calray.engine.optim import adaptive_modulation_warnings, build_optimizer, build_scheduler
 from calray.engine.resume import check_resumable
 from calray.engine.runfiles import append_metrics, seeds, truncate_metrics, write_run_files
@@ -145,15 +144,8 @@ class Trainer:
         return self.updates_per_epoch() * self.cfg.optim.epochs
 
     def _loader(self, dataset, train: bool) -> DataLoader:
-        d = self.cfg.data
-        sampler = ShardedSampler(len(dataset), shuffle=train, seed=self.cfg.runtime.seed,
-                                 rank=self.ctx.rank, world_size=self.ctx.world_size, pad=train)
-        batch_size = d.batch_size if train else (d.eval_batch_size or d.batch_size)
-        options = {"num_workers": d.num_workers, "pin_memory": self.cuda, "persistent_workers": d.num_workers > 0}
-        whole = batched_loader(dataset, sampler, batch_size, **options)  # in-memory datasets
-        if whole is not None:
-            return whole
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, **options)
+        return make_loader(dataset, self.cfg.data, train=train, seed=self.cfg.runtime.seed, rank=self.ctx.rank,
+                           world_size=self.ctx.world_size, pin_memory=self.cuda)
 
     # ------------------------------------------------------------------ one step
 

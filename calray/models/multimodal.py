@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from calray.models.heads import VariationalHead
+from torch.utils.data import default_collate
+
+from calray.config import EncoderConfig
 from calray.models.encoders import build_encoder
-from calray.models.fusion import Fusion, build_fusion
+from calray.models.fusion import Fusion, LateFusion, build_fusion
+from calray.models.heads import VariationalHead
 
 EMB_MEAN_MOMENTUM = 0.01  # EMA of each embedding, used by the `mean` ablation of φ (eq 8)
 # The EMA is warm-started: step k (0-based) uses rate max(momentum, 1/(k+1)), so for the first
@@ -99,24 +102,17 @@ class MultimodalModel(nn.Module):
                     ablated[m] = self.fusion(detached)[1]
         return ModelOutput(embs, fused_repr, fused_logits, unimodal, ablated, mu, logvar)
 
-
     def _ablation_is_unimodal(self) -> bool:
-        from calray.models.fusion import LateFusion
-
         return len(self.modalities) == 2 and not self.separate_heads and not isinstance(self.fusion, LateFusion)
 
 
 def batched_sample(dataset, n: int = 2):
     """A collated batch of the first n items, used to infer input sizes when building encoders."""
-    from torch.utils.data import default_collate
-
     return default_collate([dataset[i] for i in range(min(n, len(dataset)))])
 
 
 def build_model(cfg, splits) -> MultimodalModel:
     """Build from `cfg.model` / `cfg.method` (AIB heads) and the dataset's modalities and classes."""
-    from calray.config import EncoderConfig
-
     inputs, _ = batched_sample(splits.train)
     encoders, dims = {}, {}
     for m in splits.modalities:
