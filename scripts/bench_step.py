@@ -6,6 +6,9 @@ prints the ratio of medians. Variants:
   plain    strategy none, AIB off, no contribution tracking (plain joint training + unimodal CE)
   cal      strategy cal (ablated fusion passes, moment accumulation, gradient scaling), AIB off
   cal_aib  strategy cal with the AIB heads and loss (adds parameters, so not the same model)
+  pytorch  the peer a user would write by hand: the same model (MLP encoders, concat head), fused
+           CE + each modality's sliced-head CE, SGD with calray's default settings — no bookkeeping
+           (MLP presets / run configs only); `plain` / `pytorch` is calray's fixed per-step overhead
 
   python scripts/bench_step.py --preset mlp                  # CPU, small model
   python scripts/bench_step.py --preset cremad --device cuda # CREMA-D shapes, ResNet18 pair
@@ -19,6 +22,7 @@ prints the ratio of medians. Variants:
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -26,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,6 +54,7 @@ PRESETS = {
                 "visual": {"name": "resnet18", "in_channels": 3, "frames": True}}, 6, 64),
 }
 VARIANTS = {
+    "pytorch": {"strategy": "none", "aib": "off", "track_contributions": False},  # model source for the peer
     "plain": {"strategy": "none", "aib": "off", "track_contributions": False},
     "cal": {"strategy": "cal", "aib": "off"},
     "cal_aib": {"strategy": "cal", "aib": "beta", "lambda": 0.1},
@@ -68,6 +74,36 @@ class RandomInputs(Dataset):
 
     def __getitem__(self, i):
         return {m: x[i] for m, x in self.x.items()}, self.labels[i]
+
+
+class HandWrittenStep:
+    """The plain PyTorch step of the same model: encoders → concat → Linear head; the loss is the fused
+    CE plus, per modality, the CE of the head's slice for it (W[:, slice_m]·h_m + b, the values of
+    calray's shared unimodal head); SGD(lr, momentum 0.9, weight decay 1e-4), calray's defaults."""
+
+    def __init__(self, trainer: Trainer):
+        src = trainer.raw_model
+        self.device = trainer.device
+        self.modalities = list(src.modalities)
+        self.encoders = torch.nn.ModuleList(
+            [torch.nn.Sequential(*[copy.deepcopy(layer) for layer in src.encoders[m].net]) for m in self.modalities])
+        self.head = copy.deepcopy(src.fusion.head)
+        self.dims = [src.fusion.dims[m] for m in self.modalities]
+        params = [*self.encoders.parameters(), *self.head.parameters()]
+        o = trainer.cfg.optim
+        self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+    def train_step(self, inputs, labels, epoch: int, step: int) -> torch.Tensor:
+        h = [enc(inputs[m].flatten(1)) for m, enc in zip(self.modalities, self.encoders)]
+        loss = F.cross_entropy(self.head(torch.cat(h, dim=1)), labels)
+        w, offset = self.head.weight, 0
+        for hm, d in zip(h, self.dims):
+            loss = loss + F.cross_entropy(F.linear(hm, w[:, offset:offset + d], self.head.bias), labels)
+            offset += d
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
 
 def make_trainer(preset: str, variant: str, device: str, amp: bool, tmp: Path) -> Trainer:
@@ -145,11 +181,14 @@ def main(argv=None) -> int:
                     for v in args.variants}
     else:
         trainers = {v: make_trainer(args.preset, v, args.device, not args.no_amp, tmp) for v in args.variants}
-    first = next(iter(trainers.values()))
+    if "pytorch" in trainers:  # the peer: the same layers, run without calray's loop
+        trainers["pytorch"] = HandWrittenStep(trainers["pytorch"])
+    first = next(t for t in trainers.values() if isinstance(t, Trainer))
     inputs, labels = next(iter(first.train_loader))
     batch = (to_device(inputs, first.device, first.channels_last), labels.to(first.device))
     for t in trainers.values():
-        t.model.train()
+        if isinstance(t, Trainer):
+            t.model.train()
         time_steps(t, batch, args.warmup)
     if args.barrier:
         wait_for_peers(args.barrier, args.barrier_n)
@@ -163,16 +202,19 @@ def main(argv=None) -> int:
     source = f"run config {args.run_config}" if args.run_config else f"preset {args.preset}"
     print(f"{source}, device {first.device}, batch {bs}, amp {first.amp}, threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds × {args.steps} steps (median per step)")
-    print(f"{'variant':<10}{'ms/step':>10}{'samples/s':>12}{'× plain':>10}")
+    peer = med.get("pytorch")
+    print(f"{'variant':<10}{'ms/step':>10}{'samples/s':>12}{'× plain':>10}{'× pytorch':>11}")
     for v, m in med.items():
         ratio = f"{m / base:.3f}" if base else "-"
-        print(f"{v:<10}{m * 1e3:>10.2f}{bs / m:>12.0f}{ratio:>10}")
+        vs_peer = f"{m / peer:.3f}" if peer else "-"
+        print(f"{v:<10}{m * 1e3:>10.2f}{bs / m:>12.0f}{ratio:>10}{vs_peer:>11}")
     result = {
         "preset": None if args.run_config else args.preset, "run_config": str(args.run_config or ""),
         "device": str(first.device), "batch": bs, "amp": first.amp,
         "samples_per_s": {v: bs / m for v, m in med.items()},
         "ms_per_step": {v: m * 1e3 for v, m in med.items()},
         "ratio_to_plain": {v: m / base for v, m in med.items()} if base else None,
+        "ratio_to_pytorch": {v: m / peer for v, m in med.items()} if peer else None,
         "rounds": {v: [x * 1e3 for x in ts] for v, ts in times.items()},
         "env": environment(first.device),
     }

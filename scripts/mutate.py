@@ -75,8 +75,8 @@ MUTANTS = [
       "Gaussian KL without the −1"),
     M("entropy_sign", "calray/method/aib.py", "return float(-(p * p.log()).sum())", "return float((p * p.log()).sum())",
       "H(Y) with the wrong sign"),
-    M("grad_accum_unscaled", "calray/engine/trainer.py", "scaled = {k: v / self.cfg.optim.grad_accum for k, v in terms.items()}",
-      "scaled = dict(terms)",
+    M("grad_accum_unscaled", "calray/engine/trainer.py", "scaled = terms if accum == 1 else {k: v / accum for k, v in terms.items()}",
+      "scaled = terms",
       "accumulated gradients not divided by grad_accum"),
     # ---- model selection and the final test
     M("select_on_test", "calray/engine/trainer.py", "val = self.evaluate(self.val_loader)", "val = self.evaluate(self.test_loader)",

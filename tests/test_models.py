@@ -39,6 +39,10 @@ def test_concat_shared_head_is_weight_slice(tmp_path):
     h_a = out.embeddings["audio"]
     expected = h_a @ head.weight[:, :d_a].T + head.bias
     torch.testing.assert_close(out.unimodal_logits["audio"], expected)
+    # ... and equal to the zero-filled fusion, for both modalities (the slice is only a shortcut)
+    for m in ("audio", "visual"):
+        zero_filled = model.fusion(model.fusion.zero_filled(out.embeddings, {m}))[1]
+        torch.testing.assert_close(out.unimodal_logits[m], zero_filled, rtol=1e-6, atol=1e-6)
 
 
 def test_modality_parameters_partition(tmp_path):

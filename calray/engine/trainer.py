@@ -183,9 +183,10 @@ class Trainer:
             s, terms = self._forward_loss(inputs, labels, epoch, step)
             loss = sum(terms.values())
             self._check_finite((torch.isfinite(loss.detach()), loss.detach(), s.log, epoch, step))
-            scaled = {k: v / self.cfg.optim.grad_accum for k, v in terms.items()}
+            accum = self.cfg.optim.grad_accum
+            scaled = terms if accum == 1 else {k: v / accum for k, v in terms.items()}
             if not any(method.backward(scaled, self.model) for method in self.methods):
-                sum(scaled.values()).backward()
+                (loss if accum == 1 else sum(scaled.values())).backward()
         part_values = torch.stack(list(s.log.values())) * len(labels)
         self.part_sums = part_values if self.part_sums is None else self.part_sums + part_values
         self.part_names = list(s.log)

@@ -8,6 +8,7 @@ every other modality zero-filled (ARL's definition; for `concat` this is W[:, sl
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from calray.errors import ConfigError
@@ -40,6 +41,12 @@ class ConcatFusion(Fusion):
     def forward(self, embs):
         z = torch.cat([embs[m] for m in self.modalities], dim=1)
         return z, self.head(z)
+
+    def unimodal_logits(self, embs, m):
+        """The zero-filled head (W·[0, …, h_m, …, 0] + b) computed as its slice, W[:, slice_m]·h_m + b:
+        the same values without building the zero-padded input."""
+        start = sum(self.dims[k] for k in self.modalities[:self.modalities.index(m)])
+        return F.linear(embs[m], self.head.weight[:, start:start + self.dims[m]], self.head.bias)
 
 
 class SumFusion(Fusion):
