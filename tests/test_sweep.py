@@ -140,7 +140,8 @@ def test_progress_lines_of_sweep_trials_and_robustness_retrains(tmp_path, capsys
     """One progress-line implementation: the sweep's cell line, the retrains' line, and their quiet switches."""
     pytest.importorskip("ray")
     from calray.sweep import progress as sweep_callbacks
-    from calray.sweep.progress import RetrainProgress, SweepCallback
+    from calray.ray.progress import RetrainProgress
+    from calray.sweep.progress import SweepCallback
 
     monkeypatch.setattr(sweep_callbacks, "PROGRESS", {**sweep_callbacks.PROGRESS, "cell_index": 1, "n_cells": 2,
                                                       "quiet": False, "interval_s": 30.0})

@@ -398,14 +398,14 @@ def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str 
     """Run the retrains as Ray Tune trials; returns {plan index: error message} for failed trials.
 
     Tune's own status tables are off (``verbose=0``); the driver prints one line per retrain as it
-    ends (`calray.sweep.progress.RetrainProgress`, the sweep's progress line), none when `quiet`.
+    ends (`calray.ray.progress.RetrainProgress`, the sweep's progress line), none when `quiet`.
     """
     import ray
     from ray import tune
 
     started = init_ray(address, key="--address", log_to_driver=True)
     try:
-        from calray.sweep.progress import RetrainProgress
+        from calray.ray.progress import RetrainProgress
         from calray.ray.trial import run_trial
 
         configs = [_trial_config(p) for p in plans]
