@@ -15,8 +15,13 @@ import yaml
 
 from calray.config import config_from_dict, save_config
 from calray.errors import CalrayError
-from calray.report.render import (SECTIONS, ReportError, compute_importance, load_paper_numbers, main, pct,
-                           write_report)
+from calray.report.ablation import paper_ablation
+from calray.report.errors import ReportError
+from calray.report.formatting import pct
+from calray.report.paper_numbers import load_paper_numbers
+from calray.report.render import main, write_report
+from calray.report.sections import SECTIONS
+from calray.report.studies import compute_importance
 from calray.engine.trainer import train
 from tests.conftest import tiny_run_dict
 
@@ -268,15 +273,13 @@ def test_paper_numbers_file_is_consistent():
 
 
 def test_ablation_tables_put_the_paper_columns_beside_ours():
-    from calray.report.render import _paper_ablation
-
     paper = load_paper_numbers()["tables"]
-    cols, rows = _paper_ablation(paper, "method.aib", "nyud2", ("nyud2", "salt_pepper", 5.0, "test"),
-                                 ["mi", "beta", "off"], ["rgb", "depth"])
+    cols, rows = paper_ablation(paper, "method.aib", "nyud2", ("nyud2", "salt_pepper", 5.0, "test"),
+                                ["mi", "beta", "off"], ["rgb", "depth"])
     assert cols == ["paper Table IV NYUD2 eps=5.0 %"] and rows == [["52.54"], ["61.10"], ["—"]]
-    cols, rows = _paper_ablation(paper, "method.contribution", "ave", ("ave", "none", 0.0, "test"),
-                                 ["d_x_i", "kl"], ["audio", "visual"])
+    cols, rows = paper_ablation(paper, "method.contribution", "ave", ("ave", "none", 0.0, "test"),
+                                ["d_x_i", "kl"], ["audio", "visual"])
     assert cols[0] == "paper Table V FusionACC %" and rows == [["74.21", "66.10", "34.57"], ["72.40", "63.28", "24.48"]]
-    assert _paper_ablation(paper, "method.contribution", "ave", ("ave", "gaussian", 5.0, "test"), ["kl"], []) == ([], [])
-    cols, rows = _paper_ablation(paper, "method.strategy", "ave", ("ave", "none", 0.0, "test"), ["cal", "null"], [])
+    assert paper_ablation(paper, "method.contribution", "ave", ("ave", "gaussian", 5.0, "test"), ["kl"], []) == ([], [])
+    cols, rows = paper_ablation(paper, "method.strategy", "ave", ("ave", "none", 0.0, "test"), ["cal", "null"], [])
     assert rows == [["74.00"], ["72.20"]]
