@@ -41,6 +41,7 @@ from calray.data.base import DatasetSplits  # noqa: E402
 from calray.engine.runinfo import environment  # noqa: E402
 from calray.engine.evaluate import to_device  # noqa: E402
 from calray.engine.trainer import Trainer  # noqa: E402
+from calray.models.encoders import MLPEncoder  # noqa: E402
 
 PRESETS = {
     # name: (per-modality input shapes, encoders, classes, batch)
@@ -182,7 +183,12 @@ def main(argv=None) -> int:
     else:
         trainers = {v: make_trainer(args.preset, v, args.device, not args.no_amp, tmp) for v in args.variants}
     if "pytorch" in trainers:  # the peer: the same layers, run without calray's loop
-        trainers["pytorch"] = HandWrittenStep(trainers["pytorch"])
+        src = trainers["pytorch"].raw_model
+        if all(isinstance(src.encoders[m], MLPEncoder) for m in src.modalities) and hasattr(src.fusion, "head"):
+            trainers["pytorch"] = HandWrittenStep(trainers["pytorch"])
+        else:
+            print("pytorch peer: written for MLP encoders with a concat head; skipped for this model")
+            del trainers["pytorch"]
     first = next(t for t in trainers.values() if isinstance(t, Trainer))
     inputs, labels = next(iter(first.train_loader))
     batch = (to_device(inputs, first.device, first.channels_last), labels.to(first.device))
