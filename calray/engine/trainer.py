@@ -121,8 +121,7 @@ class Trainer:
         self.per_update_scheduler = cfg.optim.scheduler == "linear_warmup"
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_updates())
 
-        self.part_sums: torch.Tensor | None = None  # per-epoch sums of the logged loss terms
-        self.part_names: list[str] = []
+        self.part_sums, self.part_names = None, []  # per-epoch sums of the logged loss terms (train_step)
         self._unchecked = None  # CUDA: the previous step's deferred finiteness check
         self.start_epoch, self.started_at = 0, None  # started_at: unix time fit() began (summary.json)
         self.best_val, self.best_epoch, self.epochs_since_best = -math.inf, -1, 0
