@@ -43,10 +43,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from calray.config import config_from_dict
+from calray.data.base import build_datasets
 from calray.dist import RankMismatchError, assert_ranks_agree  # noqa: F401 (re-exported)
-from calray.errors import ConfigError, TrainingError
-from calray.ray.session import init_ray
+from calray.engine.evaluate import to_device
 from calray.engine.resume import check_resumable
+from calray.engine.trainer import RunContext, Trainer
+from calray.errors import ConfigError, TrainingError
+from calray.models.multimodal import ModelOutput, batched_sample
+from calray.ray.session import init_ray
 
 RAY_SUBDIR = "ray_train"  # Ray Train's experiment directory name, inside the run directory
 SHARED_MARKER = ".calray_shared_storage"  # written by the driver, read by every worker
@@ -91,8 +96,6 @@ def prepare_worker_config(cfg, run_dir: Path):
     for enc in tree["model"]["encoders"].values():
         for key in ("weights", "pretrained_path"):
             enc[key] = _absolute(enc.get(key))
-    from calray.config import config_from_dict
-
     return config_from_dict(tree, "distributed worker config")
 
 
@@ -136,8 +139,6 @@ def unused_parameters(model: torch.nn.Module, inputs) -> list[str]:
     Run in eval mode (no buffer updates, no dropout or AIB sampling) inside `fork_rng`, and the
     gradients are cleared afterwards, so training is unaffected.
     """
-    from calray.models.multimodal import ModelOutput
-
     was_training = model.training
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
@@ -273,10 +274,6 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    from calray.config import config_from_dict
-    from calray.data.base import build_datasets
-    from calray.engine.trainer import RunContext, Trainer
-
     _quiet_report_log()
     cfg = config_from_dict(config["cfg"], "distributed worker config")
     run_dir = Path(config["run_dir"])
@@ -314,9 +311,6 @@ def train_loop_per_worker(config: dict) -> dict:
     d = cfg.distributed
 
     def probe_inputs():
-        from calray.models.multimodal import batched_sample
-        from calray.engine.evaluate import to_device
-
         return to_device(batched_sample(splits.train)[0], device)
 
     ctx = RunContext(rank=rank, world_size=world, device=device,

@@ -1,17 +1,18 @@
-"""The per-trial progress line on the driver's console, as a Ray Tune callback: `TrialProgress`,
-the one implementation, and `RetrainProgress`, the robustness retrains' line. The sweep's cells
-build on it (calray.sweep.progress.SweepCallback).
+"""The per-trial progress line on the driver's console: `TrialProgress`, the one implementation,
+and `RetrainProgress`, the robustness retrains' line. The sweep's cells build on it
+(calray.sweep.progress.SweepCallback).
 
-Ray pickles callbacks into its experiment state (tuner.pkl), so they hold plain data only and
-rebuild their counters in `setup`.
+They are plain objects with Ray Tune's callback hooks (`setup`, `on_trial_start`, ...), so
+importing this module does not import Ray (a sweep's --dry-run must not); `tune_callback(p)`
+makes one a `ray.tune.Callback` for `RunConfig(callbacks=[...])`. Ray pickles callbacks into its
+experiment state (tuner.pkl), so they hold plain data only and rebuild their counters in `setup`.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
-
-from ray.tune import Callback
 
 from calray.ray.trial import FINAL_KEY, sampled_params
 
@@ -24,7 +25,7 @@ def _err_line(text: str | None) -> str:
     return lines[-1][:500]
 
 
-class TrialProgress(Callback):
+class TrialProgress:
     """The per-trial progress line on the driver's console: the one implementation, shared by the
     sweep's cells (`SweepCallback`) and the robustness retrains (`RetrainProgress`).
 
@@ -187,3 +188,46 @@ def _num(v) -> str:
 
 def _fmt_params(params: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+# ---------------------------------------------------------------- as a Ray Tune callback
+
+
+def tune_callback(progress: TrialProgress):
+    """`progress` as a `ray.tune.Callback`: Tune's trial events are passed on to it."""
+    return _callback_class()(progress)
+
+
+@functools.cache
+def _callback_class():
+    from ray.tune import Callback  # heavy: imported when Tune runs, not when this module is
+
+    class ProgressCallback(Callback):
+        """Passes Tune's trial events on to a `TrialProgress`; pickles as `tune_callback(progress)`,
+        so tuner.pkl names this module's function, not a class defined here."""
+
+        def __init__(self, progress: TrialProgress):
+            self.progress = progress
+
+        def __reduce__(self):
+            return tune_callback, (self.progress,)
+
+        def setup(self, **info):
+            self.progress.setup(**info)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.progress.on_trial_start(iteration, trials, trial, **info)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.progress.on_trial_result(iteration, trials, trial, result, **info)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.progress.on_trial_complete(iteration, trials, trial, **info)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.progress.on_trial_error(iteration, trials, trial, **info)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self.progress.on_trial_recover(iteration, trials, trial, **info)
+
+    return ProgressCallback

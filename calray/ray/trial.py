@@ -44,7 +44,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from calray.config import RunConfig, apply_overrides, config_from_dict
+from calray.data.base import build_datasets
+from calray.engine.runinfo import library_versions
+from calray.engine.trainer import RunContext, train
 from calray.errors import ConfigError
+from calray.io import write_json
+from calray.ray.distributed import build_torch_trainer
 
 RESERVED_KEYS = ("run", "overrides", "run_dir", "runs_root", "cell", "sweep")
 TIME_ATTR = "epochs_done"  # the per-epoch time attribute schedulers should use
@@ -133,8 +138,6 @@ def final_report(rows: list[dict], summary: dict, run_dir: Path, seed: int) -> d
 
 def _cached_splits(cfg: RunConfig):
     """Datasets shared by the trials this process runs (same data + noise blocks)."""
-    from calray.data.base import build_datasets
-
     key = json.dumps({"data": cfg.data.model_dump(mode="json"), "noise": cfg.noise.model_dump(mode="json")},
                      sort_keys=True)
     with _SPLITS_LOCK:
@@ -145,9 +148,6 @@ def _cached_splits(cfg: RunConfig):
 
 
 def _write_trial_json(run_dir: Path, config: dict, cfg: RunConfig, trial_id: str) -> None:
-    from calray.io import write_json
-    from calray.engine.runinfo import library_versions
-
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "trial.json", {
         "trial_id": trial_id, "sweep": config.get("sweep"), "cell": config.get("cell"),
@@ -215,8 +215,6 @@ def _epoch_report(row: dict, run_dir: Path) -> dict:
 
 
 def _run_in_process(cfg: RunConfig, run_dir: Path, report) -> tuple[dict, list[dict]]:
-    from calray.engine.trainer import RunContext, train
-
     def reporter(row: dict, ckpt_path) -> None:
         report(_epoch_report(row, run_dir))
 
@@ -229,11 +227,6 @@ def _run_in_process(cfg: RunConfig, run_dir: Path, report) -> tuple[dict, list[d
 
 def _run_distributed(cfg: RunConfig, run_dir: Path, report) -> tuple[dict, list[dict]]:
     """>1 workers: a TorchTrainer inside this trial; rank-0 reports reach Tune via a callback."""
-    try:
-        from calray.ray.distributed import build_torch_trainer
-    except ImportError as e:
-        raise ConfigError(f"distributed.workers={cfg.distributed.workers}: multi-worker trials need "
-                          f"calray.ray.distributed.build_torch_trainer ({e})") from None
     callback = _epoch_report_callback(run_dir)
     # Ray Train's run lives in <run_dir>/ray_train under a fixed name, so a trial that Tune
     # restarts (sweep --resume) continues from its latest Train checkpoint

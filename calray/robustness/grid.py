@@ -41,12 +41,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pandas as pd
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch.utils.data import DataLoader
 
 from calray.config import RunConfig, config_from_dict, load_config, read_yaml, validation_error_message
-from calray.errors import CalrayError, ConfigError
-from calray.ray.session import init_ray
+from calray.data.base import build_datasets
+from calray.engine.checkpoint import load_checkpoint
 from calray.engine.resume import check_resumable
+from calray.engine.trainer import Trainer
+from calray.errors import CalrayError, ConfigError
+from calray.io import atomic_write_bytes, write_json
+from calray.ray.progress import RetrainProgress, tune_callback
+from calray.ray.session import init_ray
+from calray.ray.trial import run_trial
 
 KINDS = ("gaussian", "salt_pepper")
 MODES = ("test", "train+test")
@@ -261,13 +269,6 @@ def _row(target: Target, kind: str, eps: float, mode: str, seed: int, metrics: d
 
 def evaluate_test_grid(target: Target, spec: GridSpec) -> list[dict]:
     """Load the checkpoint once; evaluate it on the test split under every (kind, ε, noise seed)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from calray.engine.checkpoint import load_checkpoint
-    from calray.data.base import build_datasets
-    from calray.engine.trainer import Trainer
-
     if target.checkpoint is None:
         raise CalrayError(f"{target.run_dir}: no checkpoint to evaluate (expected checkpoints/best.pt)")
     base = target.config.model_copy(deep=True)
@@ -405,9 +406,6 @@ def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str 
 
     started = init_ray(address, key="--address", log_to_driver=True)
     try:
-        from calray.ray.progress import RetrainProgress
-        from calray.ray.trial import run_trial
-
         configs = [_trial_config(p) for p in plans]
         progress = RetrainProgress([_retrain_label(p) for p in plans], [str(p.run_dir) for p in plans],
                                    quiet=quiet)
@@ -425,7 +423,7 @@ def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str 
             tune.with_resources(trainable, resources),
             param_space={"index": tune.grid_search(list(range(len(plans))))},
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[progress],
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[tune_callback(progress)],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
         grid = tuner.fit()
@@ -525,8 +523,6 @@ def read_robustness(directory: Path) -> pd.DataFrame | None:
 
 
 def save_tables(df: pd.DataFrame, out_dir: Path, spec: GridSpec) -> pd.DataFrame:
-    from calray.io import atomic_write_bytes, write_json
-
     old = read_robustness(out_dir)
     if old is not None and not old.empty and not df.empty:
         redone = set(zip(df["cell"], df["mode"]))

@@ -1,18 +1,20 @@
-"""Ray-side pieces of the sweep: the manifest/progress Tune callback (`SweepCallback`, built on
-calray.ray.progress.TrialProgress, the progress line the robustness retrains print too) and the
-Optuna searcher.
+"""The sweep's pieces on Ray's side: the manifest/progress callback (`SweepCallback`, built on
+calray.ray.progress.TrialProgress, the progress line the robustness retrains print too; give it
+to Tune as `calray.ray.progress.tune_callback(cb)`) and the Optuna searcher (`cal_optuna_search`).
 
-Imported only when a sweep really runs (it imports Ray). The classes are pickled into Ray's
-experiment state, so they hold plain data only and rebuild their counters in `setup`.
+Importing this module does not import Ray or Optuna (a sweep's --dry-run must not): the searcher
+class, an OptunaSearch subclass, is built on first use. The callback and the searcher are
+pickled into Ray's experiment state, so they hold plain data only and rebuild their counters in
+`setup`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import warnings
 from pathlib import Path
-
-from ray.tune.search.optuna import OptunaSearch
 
 from calray.ray.progress import TrialProgress
 from calray.ray.trial import FINAL_KEY, sampled_params
@@ -25,39 +27,63 @@ log = logging.getLogger("calray.sweep")
 PROGRESS = {"cell_index": 0, "n_cells": 0, "cells_done": 0, "quiet": False, "interval_s": 30.0}
 
 
-class CalOptunaSearch(OptunaSearch):  # noqa: D101
-    """OptunaSearch that tells Optuna PRUNED (not COMPLETE) for trials a scheduler stopped.
+# ---------------------------------------------------------------- the searcher
 
-    A finished calray trial sends a final report with `final == 1`; a trial that ends without it
-    and without an error was stopped early (ASHA). Ray's OptunaSearch would record such a trial as
-    COMPLETE with its last intermediate value, which misleads TPE and optuna-dashboard.
-    """
 
-    def on_trial_result(self, trial_id: str, result: dict):
-        import warnings
+def cal_optuna_search(**kwargs):
+    """A `CalOptunaSearch(**kwargs)` (OptunaSearch's arguments: sampler, storage, study_name, ...)."""
+    return _search_class()(**kwargs)
 
-        with warnings.catch_warnings():  # a resumed trial re-reports steps Optuna already has
-            warnings.filterwarnings("ignore", message=".*is already reported.*")
-            super().on_trial_result(trial_id, result)
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if (not error and result is not None and result.get(FINAL_KEY) != 1
-                and trial_id in getattr(self, "_ot_trials", {}) and trial_id not in self._completed_trials):
-            from optuna.trial import TrialState
+def _rebuild_search(state: dict):
+    """Unpickling a CalOptunaSearch: the class by this module's reference, not a copy in the pickle."""
+    search = _search_class().__new__(_search_class())
+    search.__dict__.update(state)
+    return search
 
-            ot_trial = self._ot_trials[trial_id]
-            try:
-                # the result that made the scheduler stop the trial never reached on_trial_result
-                value = result.get(self.metric)
-                step = result.get("training_iteration")
-                if isinstance(value, (int, float)) and math.isfinite(value) and step is not None:
-                    ot_trial.report(value, step)
-                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-            except Exception as e:  # e.g. the trial was already told
-                log.warning("optuna: could not mark trial %s pruned: %s", trial_id, e)
-            self._completed_trials.add(trial_id)
-            return
-        super().on_trial_complete(trial_id, result=result, error=error)
+
+@functools.cache
+def _search_class():
+    from optuna.trial import TrialState  # heavy: imported when a sweep runs
+    from ray.tune.search.optuna import OptunaSearch
+
+    class CalOptunaSearch(OptunaSearch):
+        """OptunaSearch that tells Optuna PRUNED (not COMPLETE) for trials a scheduler stopped.
+
+        A finished calray trial sends a final report with `final == 1`; a trial that ends without it
+        and without an error was stopped early (ASHA). Ray's OptunaSearch would record such a trial as
+        COMPLETE with its last intermediate value, which misleads TPE and optuna-dashboard.
+        """
+
+        def __reduce__(self):
+            return _rebuild_search, (self.__dict__.copy(),)
+
+        def on_trial_result(self, trial_id: str, result: dict):
+            with warnings.catch_warnings():  # a resumed trial re-reports steps Optuna already has
+                warnings.filterwarnings("ignore", message=".*is already reported.*")
+                super().on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            if (not error and result is not None and result.get(FINAL_KEY) != 1
+                    and trial_id in getattr(self, "_ot_trials", {}) and trial_id not in self._completed_trials):
+                ot_trial = self._ot_trials[trial_id]
+                try:
+                    # the result that made the scheduler stop the trial never reached on_trial_result
+                    value = result.get(self.metric)
+                    step = result.get("training_iteration")
+                    if isinstance(value, (int, float)) and math.isfinite(value) and step is not None:
+                        ot_trial.report(value, step)
+                    self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+                except Exception as e:  # e.g. the trial was already told
+                    log.warning("optuna: could not mark trial %s pruned: %s", trial_id, e)
+                self._completed_trials.add(trial_id)
+                return
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return CalOptunaSearch
+
+
+# ---------------------------------------------------------------- the callback
 
 
 class SweepCallback(TrialProgress):

@@ -24,11 +24,17 @@ from pathlib import Path
 
 import yaml
 
-from calray.io import atomic_write_text
-from calray.ray.session import init_ray
 from calray.errors import CalrayError, ConfigError
-from calray.sweep.spec import Cell, SweepPlan, example_params, load_sweep, stored_spec
+from calray.io import atomic_write_text
+from calray.ray.progress import tune_callback
+from calray.ray.session import init_ray
+from calray.ray.trial import TIME_ATTR, resolve_run_config, run_trial
+from calray.report import render as report_render
+from calray.robustness import grid as robustness_grid
+from calray.sweep import progress as sweep_progress
 from calray.sweep.outputs import FINISHED, Manifest, manifest_path, write_outputs
+from calray.sweep.progress import SweepCallback, cal_optuna_search, trial_dirname
+from calray.sweep.spec import Cell, SweepPlan, example_params, load_sweep, stored_spec
 
 log = logging.getLogger("calray.sweep")
 
@@ -103,8 +109,6 @@ def main(argv=None) -> int:
 
 
 def dry_run(plan: SweepPlan, cells: list[Cell], args) -> None:
-    from calray.ray.trial import resolve_run_config
-
     spec = plan.spec
     sdir = sweep_dir_of(plan, args.storage_path)
     n = plan.num_samples()
@@ -186,20 +190,18 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
     atomic_write_text(sdir / "sweep.yaml", yaml.safe_dump(stored_spec(plan), sort_keys=False))
     address = address or spec.ray.address
     _init_ray(address, plan)
-    from calray.sweep import progress as sweep_callbacks
-
-    sweep_callbacks.PROGRESS.update(n_cells=len(cells), cells_done=0, quiet=quiet)
+    sweep_progress.PROGRESS.update(n_cells=len(cells), cells_done=0, quiet=quiet)
     print(f"sweep {spec.name}: {len(cells)} cell(s) × {plan.num_samples()} trial(s) → {sdir}", flush=True)
     t0 = time.time()
     try:
         for i, cell in enumerate(cells, 1):
-            sweep_callbacks.PROGRESS["cell_index"] = i
+            sweep_progress.PROGRESS["cell_index"] = i
             try:
                 run_cell(plan, cell, sdir)
             finally:
                 records = write_outputs(plan, sdir)
             rec = next(r for r in records if r["cell"] == cell.id)
-            sweep_callbacks.PROGRESS["cells_done"] = i
+            sweep_progress.PROGRESS["cells_done"] = i
             best = (f"best {rec['metric']} {rec['best_value']:.4f} (trial {rec['best_trial']}, "
                     f"test_acc {rec['best_test_acc']:.4f})" if rec["best_trial"] else "no finished trial")
             print(f"cells done {i}/{len(cells)}: {cell.id} {rec['status']} — {rec['n_trials']} trials, "
@@ -220,27 +222,17 @@ def finish_hooks(plan: SweepPlan, sdir: Path, address: str | None, quiet: bool =
     status = 0
     if plan.spec.robustness:
         try:
-            from calray.robustness.grid import run_grid
-        except (ImportError, AttributeError) as e:
-            print(f"robustness grid skipped: calray.robustness.grid.run_grid unavailable ({e})", flush=True)
-        else:
-            try:
-                run_grid(sdir, plan.spec.robustness, address, quiet=quiet)
-            except Exception as e:  # noqa: BLE001 - the sweep's outputs are already written
-                log.exception("robustness grid failed")
-                print(f"robustness grid failed: {type(e).__name__}: {e} (sweep outputs kept)", file=sys.stderr)
-                status = 1
-    try:
-        from calray.report.render import write_report
-    except (ImportError, AttributeError) as e:
-        print(f"report skipped: calray.report.render.write_report unavailable ({e})", flush=True)
-    else:
-        try:
-            write_report(sdir)
-        except Exception as e:  # noqa: BLE001
-            log.exception("report failed")
-            print(f"report failed: {type(e).__name__}: {e} (sweep outputs kept)", file=sys.stderr)
+            robustness_grid.run_grid(sdir, plan.spec.robustness, address, quiet=quiet)
+        except Exception as e:  # noqa: BLE001 - the sweep's outputs are already written
+            log.exception("robustness grid failed")
+            print(f"robustness grid failed: {type(e).__name__}: {e} (sweep outputs kept)", file=sys.stderr)
             status = 1
+    try:
+        report_render.write_report(sdir)
+    except Exception as e:  # noqa: BLE001
+        log.exception("report failed")
+        print(f"report failed: {type(e).__name__}: {e} (sweep outputs kept)", file=sys.stderr)
+        status = 1
     return status
 
 
@@ -283,8 +275,6 @@ def _domain(dist):
 def _trainable(plan: SweepPlan):
     from ray import tune
 
-    from calray.ray.trial import run_trial
-
     r = plan.spec.resources
     if r.workers > 1:  # the trial drives a TorchTrainer whose workers reserve their own resources
         return tune.with_resources(run_trial, {"cpu": r.driver_cpus})
@@ -305,9 +295,6 @@ def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_o
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from calray.sweep.progress import CalOptunaSearch, SweepCallback, trial_dirname
-    from calray.ray.trial import TIME_ATTR
-
     spec = plan.spec
     s = spec.search
     param_space = {"run": cell_run(plan, cell), "runs_root": str(sdir / "runs" / cell.id),
@@ -315,7 +302,7 @@ def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_o
     param_space.update({k: _domain(d) for k, d in s.space.items()})
     searcher = None
     if s.space:
-        searcher = CalOptunaSearch(sampler=_sampler(plan, seed_offset), storage=journal_storage(sdir),
+        searcher = cal_optuna_search(sampler=_sampler(plan, seed_offset), storage=journal_storage(sdir),
                                    study_name=cell.id)
     scheduler = None
     if spec.scheduler and spec.scheduler.asha:
@@ -327,7 +314,7 @@ def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_o
                                   num_samples=num_samples, max_concurrent_trials=spec.max_concurrent_trials,
                                   reuse_actors=_reuse_actors(plan), trial_dirname_creator=trial_dirname)
     callback = SweepCallback(manifest_path(sdir, cell.id), cell.id, plan.num_samples(), s.metric, s.mode)
-    run_config = tune.RunConfig(name=cell.id, storage_path=str(sdir / "ray"), verbose=0, callbacks=[callback],
+    run_config = tune.RunConfig(name=cell.id, storage_path=str(sdir / "ray"), verbose=0, callbacks=[tune_callback(callback)],
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures, fail_fast=False))
     return tune.Tuner(_trainable(plan), param_space=param_space, tune_config=tune_config, run_config=run_config)
 

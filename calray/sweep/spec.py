@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from calray.config import (NoiseConfig, RunConfig, apply_overrides, read_yaml, validation_error_message)
 from calray.errors import ConfigError
+from calray.robustness.grid import parse_grid
 
 
 class _Strict(BaseModel):
@@ -429,8 +430,6 @@ def load_sweep(path: str | Path, num_samples: int | None = None, cwd: Path | Non
     except ValidationError as e:
         raise ConfigError(validation_error_message(e, str(path))) from None
     if spec.robustness is not None:  # fail now, not after every trial has run
-        from calray.robustness.grid import parse_grid
-
         parse_grid(spec.robustness, source=str(path), prefix="robustness")
     cells = build_cells(spec, path, cwd)
     return SweepPlan(spec=spec, path=path, cells=cells)
