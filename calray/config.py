@@ -177,6 +177,7 @@ class RuntimeConfig(Strict):
     output_dir: str = "runs"
     run_name: str | None = None  # default: the config's name
     progress: bool = True
+    tensorboard: bool = True  # TensorBoard events in <run dir>/tensorboard (calray.engine.tensorboard)
     checkpoint_every: int = Field(1, ge=1)
     resume: bool = True  # continue from run_dir/checkpoints/last.pt when present
     max_steps_per_epoch: int | None = Field(None, ge=1)  # for smoke tests and benchmarks

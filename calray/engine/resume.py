@@ -21,6 +21,7 @@ RESUME_COMPATIBLE_KEYS = frozenset({
     "optim.epochs",
     "optim.early_stop_patience",
     "runtime.progress",
+    "runtime.tensorboard",
     "runtime.checkpoint_every",
     "runtime.resume",
     "runtime.output_dir",  # with run_name: *where* the run dir is, already the same dir here

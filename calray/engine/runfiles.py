@@ -1,5 +1,6 @@
-"""What a run writes into its run dir besides checkpoints: config.yaml, env.json, data_info.json
-and metrics.jsonl (one JSON row per epoch; resumed runs drop the rows of epochs they re-run)."""
+"""What a run writes into its run dir besides checkpoints: config.yaml, env.json, data_info.json,
+metrics.jsonl (one JSON row per epoch; resumed runs drop the rows of epochs they re-run),
+summary.json and TensorBoard events (calray.engine.tensorboard)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from calray.config import save_config
 from calray.engine.runinfo import environment
+from calray.engine.tensorboard import TensorBoardLog
 from calray.io import append_jsonl, read_jsonl, write_json, write_jsonl
 
 METRICS_FILE = "metrics.jsonl"
@@ -41,3 +43,33 @@ def append_metrics(run_dir: Path, row: dict) -> None:
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+
+
+class RunRecorder:
+    """What the main rank writes into the run dir: the run files when the run starts, one metrics
+    row (and its TensorBoard scalars, `runtime.tensorboard`) per epoch, summary.json at the end.
+    On other ranks every method does nothing."""
+
+    def __init__(self, run_dir: Path, cfg, main: bool):
+        self.run_dir, self.cfg, self.main = Path(run_dir), cfg, main
+        self.tensorboard: TensorBoardLog | None = None
+
+    def start(self, device, splits, warnings: list[str], start_epoch: int) -> None:
+        if not self.main:
+            return
+        write_run_files(self.run_dir, self.cfg, device, splits, warnings)
+        truncate_metrics(self.run_dir, start_epoch)
+        if self.cfg.runtime.tensorboard:
+            self.tensorboard = TensorBoardLog(self.run_dir, self.cfg)
+
+    def epoch(self, row: dict) -> None:
+        if self.main:
+            append_metrics(self.run_dir, row)
+            if self.tensorboard is not None:
+                self.tensorboard.epoch(row)
+
+    def finish(self, summary: dict) -> None:
+        if self.main:
+            write_json(self.run_dir / SUMMARY_FILE, summary)
+            if self.tensorboard is not None:
+                self.tensorboard.close(summary)

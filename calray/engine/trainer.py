@@ -32,10 +32,9 @@ from calray.engine.evaluate import evaluate, to_device
 from calray.engine.loaders import make_loader
 from calray.engine.optim import adaptive_modulation_warnings, build_optimizer, build_scheduler
 from calray.engine.resume import check_resumable
-from calray.engine.runfiles import append_metrics, seeds, truncate_metrics, write_run_files
+from calray.engine.runfiles import RunRecorder, seeds
 from calray.engine.runinfo import rng_state, seed_everything, set_rng_state
 from calray.errors import TrainingError
-from calray.io import write_json
 from calray.method.base import MethodContext, Step
 from calray.method.plugins import create_methods
 from calray.models import build_model
@@ -91,6 +90,7 @@ class Trainer:
         self.device = self.ctx.device or resolve_device(cfg.runtime.device)
         self.run_dir = Path(self.ctx.run_dir or cfg.run_dir())
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.recorder = RunRecorder(self.run_dir, cfg, self.ctx.is_main)
         seed_everything(cfg.runtime.seed)
         self.splits = splits or build_datasets(cfg)
         self.modalities = self.splits.modalities
@@ -309,11 +309,9 @@ class Trainer:
         if resume_path is not None:
             self.load_checkpoint(Path(resume_path))
             self._log(f"resumed from {resume_path} at epoch {self.start_epoch}")
-        if self.ctx.is_main:
-            write_run_files(self.run_dir, cfg, self.device, self.splits, self.warnings)
-            truncate_metrics(self.run_dir, self.start_epoch)
-            for w in self.warnings:
-                print(f"warning: {w}", file=sys.stderr, flush=True)
+        self.recorder.start(self.device, self.splits, self.warnings, self.start_epoch)
+        for w in self.warnings if self.ctx.is_main else []:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
 
     def run_epoch(self, epoch: int) -> tuple[dict, bool]:
         """Train, validate, select on validation, schedule, checkpoint and report one epoch."""
@@ -343,7 +341,7 @@ class Trainer:
                 save_checkpoint({"model": self.raw_model.state_dict(), "epoch": epoch}, self.ckpt_dir / "best.pt")
             if (epoch + 1) % self.cfg.runtime.checkpoint_every == 0 or epoch == self.cfg.optim.epochs - 1 or stopped_early:
                 ckpt = self.save_checkpoint(epoch)
-            append_metrics(self.run_dir, row)
+        self.recorder.epoch(row)
         self._log(self._epoch_line(row))
         if self.ctx.reporter is not None:
             self.ctx.reporter(row, ckpt)
@@ -379,11 +377,10 @@ class Trainer:
                    "started_at": self.started_at,  # with finished_at: how concurrent trials packed
                    "finished_at": time.time(), "modalities": self.modalities, "num_classes": self.splits.num_classes,
                    "contributions": self.last_contrib, "seeds": seeds(self.cfg)}
-        if self.ctx.is_main:
-            write_json(self.run_dir / "summary.json", summary)
-            mods = " ".join(f"{m} {test[f'acc_{m}']:.4f}" for m in self.modalities)
-            self._log(f"test (best val epoch {self.best_epoch + 1}): acc {test['acc']:.4f} "
-                      f"macro_f1 {test['macro_f1']:.4f} | unimodal: {mods} | run dir {self.run_dir}")
+        self.recorder.finish(summary)
+        mods = " ".join(f"{m} {test[f'acc_{m}']:.4f}" for m in self.modalities)
+        self._log(f"test (best val epoch {self.best_epoch + 1}): acc {test['acc']:.4f} "
+                  f"macro_f1 {test['macro_f1']:.4f} | unimodal: {mods} | run dir {self.run_dir}")
         return summary
 
 
