@@ -136,16 +136,13 @@ def _fake_trial(trial_id: str, config: dict, last_result: dict | None = None):
     return SimpleNamespace(trial_id=trial_id, config=config, last_result=last_result, error_file=None)
 
 
-def test_progress_lines_of_sweep_trials_and_robustness_retrains(tmp_path, capsys, monkeypatch):
+def test_progress_lines_of_sweep_trials_and_robustness_retrains(tmp_path, capsys):
     """One progress-line implementation: the sweep's cell line, the retrains' line, and their quiet switches."""
-    pytest.importorskip("ray")
-    from calray.sweep import progress as sweep_callbacks
     from calray.ray.progress import RetrainProgress
-    from calray.sweep.progress import SweepCallback
+    from calray.sweep.progress import SweepCallback, SweepDisplay
 
-    monkeypatch.setattr(sweep_callbacks, "PROGRESS", {**sweep_callbacks.PROGRESS, "cell_index": 1, "n_cells": 2,
-                                                      "quiet": False, "interval_s": 30.0})
-    cb = SweepCallback(tmp_path / "manifest" / "c.jsonl", "c", 3, "val_acc", "max")
+    display = SweepDisplay(n_cells=2, cell_index=1, quiet=False, interval_s=30.0)
+    cb = SweepCallback(tmp_path / "manifest" / "c.jsonl", "c", 3, "val_acc", "max", display)
     cb.setup()
     t1 = _fake_trial("t1", {"method.T": 2.0, "run_dir": str(tmp_path / "t1")})
     cb.on_trial_start(0, [], t1)
@@ -160,7 +157,7 @@ def test_progress_lines_of_sweep_trials_and_robustness_retrains(tmp_path, capsys
         "[cell 1/2 c] trials 2/3 finished, 0 running, 1 failed, 0 pruned | best val_acc 0.5000 (t1) | "
         "trial t2 ERROR: TrainingError: non-finite loss"]
     assert [e["ev"] for e in cb.manifest.events()] == ["start", "end", "end"]
-    sweep_callbacks.PROGRESS["quiet"] = True
+    display.quiet = True
     cb.on_trial_start(0, [], _fake_trial("t3", {}))
     assert capsys.readouterr().out == ""
 
@@ -180,6 +177,52 @@ def test_progress_lines_of_sweep_trials_and_robustness_retrains(tmp_path, capsys
             "trial r0 (tiny none eps=0 train seed 0) TERMINATED test_acc=0.5000 test_macro_f1=0.2500",
             "[robustness train+test] retrains 2/2 finished, 0 running, 0 failed | "
             "trial r1 (tiny gaussian eps=5 train seed 0) TERMINATED test_acc=0.5000 test_macro_f1=0.2500"])
+
+
+def _noop_trainable(config):
+    pass
+
+
+def test_a_restored_tuner_prints_with_the_running_sweeps_display(tmp_path):
+    """The display (cell i/n, --quiet) belongs to the sweep process: tuner.pkl leaves it out, and the
+    SweepCallback a restored Tuner unpickles gets the running sweep's."""
+    tune = pytest.importorskip("ray.tune")
+    from calray.ray.progress import progress_of, tune_callback
+    from calray.sweep.progress import SweepCallback, SweepDisplay
+    from calray.sweep.runner import _show
+
+    first = SweepDisplay(n_cells=3, cell_index=2, quiet=False)
+    cb = SweepCallback(tmp_path / "manifest" / "c.jsonl", "c", 3, "val_acc", "max", first)
+    tune.Tuner(_noop_trainable, run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path / "ray"),
+                                                          callbacks=[tune_callback(cb)]))
+    restored = tune.Tuner.restore(str(tmp_path / "ray" / "exp"), trainable=_noop_trainable)
+    (again,) = progress_of(restored)
+    assert again is not cb and (again.cell_id, again.metric, again.num_samples) == ("c", "val_acc", 3)
+    assert again._display == SweepDisplay()  # not the pickling run's
+    resumed = SweepDisplay(n_cells=1, cell_index=1, quiet=True)
+    _show(restored, resumed)
+    assert again._display is resumed and again._quiet()
+
+
+def _fake_splits(cfg):
+    _fake_splits.built.append(cfg.noise.eps)
+    return [cfg.noise.eps]
+
+
+def test_splits_cache_keeps_one_dataset_and_pickles_empty(tiny_cfg):
+    import pickle
+
+    from calray.ray.trial import SplitsCache
+
+    _fake_splits.built = []
+    cache = SplitsCache(build=_fake_splits)
+    clean, noisy = tiny_cfg(), tiny_cfg(noise={"kind": "gaussian", "eps": 5.0})
+    first = cache.get(clean)
+    assert cache.get(clean) is first and _fake_splits.built == [0.0]  # the same blocks: reused
+    assert cache.get(noisy) == [5.0] and cache.get(clean) is not first  # one dataset kept, not two
+    assert _fake_splits.built == [0.0, 5.0, 0.0]
+    copy = pickle.loads(pickle.dumps(cache))  # a copy in another process starts empty
+    assert copy._splits is None and copy._key is None and copy.get(noisy) == [5.0]
 
 
 def test_sweep_quiet_reaches_the_robustness_stage(tmp_path, monkeypatch):

@@ -198,6 +198,16 @@ def tune_callback(progress: TrialProgress):
     return _callback_class()(progress)
 
 
+def progress_of(tuner) -> list[TrialProgress]:
+    """The `TrialProgress` objects among a Tuner's callbacks; for a Tuner from `Tuner.restore`, the
+    ones unpickled from its tuner.pkl. [] where Ray keeps the run config out of reach (the Tuner's
+    in-process `TunerInternal` is Ray 2.60's `_local_tuner`; a Ray Client Tuner has none)."""
+    local = getattr(tuner, "_local_tuner", None)
+    run_config = local.get_run_config() if local is not None else None
+    callbacks = getattr(run_config, "callbacks", None) or []
+    return [cb.progress for cb in callbacks if isinstance(getattr(cb, "progress", None), TrialProgress)]
+
+
 @functools.cache
 def _callback_class():
     from ray.tune import Callback  # heavy: imported when Tune runs, not when this module is

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from calray.config import RunConfig, apply_overrides, config_from_dict
-from calray.data.base import build_datasets
+from calray.data.base import DatasetSplits, build_datasets
 from calray.engine.runinfo import library_versions
 from calray.engine.trainer import RunContext, train
 from calray.errors import ConfigError
@@ -55,8 +55,6 @@ RESERVED_KEYS = ("run", "overrides", "run_dir", "runs_root", "cell", "sweep")
 TIME_ATTR = "epochs_done"  # the per-epoch time attribute schedulers should use
 FINAL_KEY = "final"
 
-_SPLITS_CACHE: dict[str, Any] = {}  # per-process: (data, noise) blocks → DatasetSplits
-_SPLITS_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------- config resolution
@@ -136,15 +134,44 @@ def final_report(rows: list[dict], summary: dict, run_dir: Path, seed: int) -> d
     return report
 
 
-def _cached_splits(cfg: RunConfig):
-    """Datasets shared by the trials this process runs (same data + noise blocks)."""
-    key = json.dumps({"data": cfg.data.model_dump(mode="json"), "noise": cfg.noise.model_dump(mode="json")},
-                     sort_keys=True)
-    with _SPLITS_LOCK:
-        if key not in _SPLITS_CACHE:
-            _SPLITS_CACHE.clear()  # keep one dataset in memory per process
-            _SPLITS_CACHE[key] = build_datasets(cfg)
-        return _SPLITS_CACHE[key]
+class SplitsCache:
+    """The datasets of the last (data, noise) blocks built, for the next trial with the same blocks:
+    one dataset kept in memory (a trial of other blocks replaces it). Thread-safe: Tune runs a
+    function trainable in a thread of its worker process.
+
+    `run_trial` uses `WORKER_SPLITS`, the one instance of the process it runs in: Tune runs the
+    trainable in worker processes (several trials per process with `ray.reuse_actors`), each
+    importing this module once; nothing of it is pickled. A pickled copy would arrive empty.
+    """
+
+    def __init__(self, build: Callable[[RunConfig], DatasetSplits] = build_datasets):
+        self._build = build
+        self._lock = threading.Lock()
+        self._key: str | None = None
+        self._splits: DatasetSplits | None = None
+
+    @staticmethod
+    def key(cfg: RunConfig) -> str:
+        return json.dumps({"data": cfg.data.model_dump(mode="json"), "noise": cfg.noise.model_dump(mode="json")},
+                          sort_keys=True)
+
+    def get(self, cfg: RunConfig) -> DatasetSplits:
+        key = self.key(cfg)
+        with self._lock:
+            if key != self._key:
+                self._key, self._splits = None, None  # free the old dataset before building the new one
+                self._splits = self._build(cfg)
+                self._key = key
+            return self._splits
+
+    def __getstate__(self):
+        return {"build": self._build}
+
+    def __setstate__(self, state):
+        self.__init__(state["build"])
+
+
+WORKER_SPLITS = SplitsCache()  # this process's datasets, shared by the trials it runs (see SplitsCache)
 
 
 def _write_trial_json(run_dir: Path, config: dict, cfg: RunConfig, trial_id: str) -> None:
@@ -182,12 +209,14 @@ def run_trial(config: dict) -> None:
     """Ray Tune function trainable: one training run, reported every epoch (see module doc)."""
     from ray import tune
 
-    execute_trial(config, report=tune.report, trial_id=_trial_id())
+    execute_trial(config, report=tune.report, trial_id=_trial_id(), splits=WORKER_SPLITS)
 
 
-def execute_trial(config: dict, report: Callable[[dict], None], trial_id: str = "trial") -> dict:
+def execute_trial(config: dict, report: Callable[[dict], None], trial_id: str = "trial",
+                  splits: SplitsCache | None = None) -> dict:
     """The body of `run_trial` with the report function passed in (tests call it without Ray).
 
+    `splits`: where an in-process trial takes its datasets from (default: built for this trial).
     Returns the final report (the best-epoch row + run summary).
     """
     cfg = resolve_run_config(config, source=f"trial {trial_id}")
@@ -197,7 +226,7 @@ def execute_trial(config: dict, report: Callable[[dict], None], trial_id: str = 
         if cfg.distributed.workers > 1:
             summary, rows = _run_distributed(cfg, run_dir, report)
         else:
-            summary, rows = _run_in_process(cfg, run_dir, report)
+            summary, rows = _run_in_process(cfg, run_dir, report, splits or SplitsCache())
     except Exception as e:
         _record_error(run_dir, e)
         raise
@@ -214,14 +243,14 @@ def _epoch_report(row: dict, run_dir: Path) -> dict:
     return report
 
 
-def _run_in_process(cfg: RunConfig, run_dir: Path, report) -> tuple[dict, list[dict]]:
+def _run_in_process(cfg: RunConfig, run_dir: Path, report, splits: SplitsCache) -> tuple[dict, list[dict]]:
     def reporter(row: dict, ckpt_path) -> None:
         report(_epoch_report(row, run_dir))
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    splits = _cached_splits(cfg)
+    datasets = splits.get(cfg)
     with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        summary = train(cfg, RunContext(run_dir=run_dir, reporter=reporter), splits=splits)
+        summary = train(cfg, RunContext(run_dir=run_dir, reporter=reporter), splits=datasets)
     return summary, read_metrics(run_dir)
 
 

@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from calray.ray.progress import TrialProgress
@@ -22,9 +23,21 @@ from calray.sweep.outputs import Manifest, clean_metrics
 
 log = logging.getLogger("calray.sweep")
 
-# what the driver shows: set by calray.sweep.runner before each Tuner.fit (a restored Tuner brings its
-# pickled callback back, so display context lives here, not in the callback)
-PROGRESS = {"cell_index": 0, "n_cells": 0, "cells_done": 0, "quiet": False, "interval_s": 30.0}
+
+@dataclass
+class SweepDisplay:
+    """What the sweep's progress lines show beyond one cell's trials, and whether they print:
+    cell `cell_index` of `n_cells`, `quiet` (--quiet), a heartbeat line at most every `interval_s`
+    seconds while results arrive. One per sweep run, owned by calray.sweep.runner, which moves
+    `cell_index` on and gives it to each cell's `SweepCallback`. It belongs to this process, so
+    a callback's pickle leaves it out: a Tuner restored from tuner.pkl gets the running sweep's
+    display through `SweepCallback.show`, not the one of the run that wrote the pickle.
+    """
+
+    n_cells: int = 0
+    cell_index: int = 0
+    quiet: bool = False
+    interval_s: float = 30.0
 
 
 # ---------------------------------------------------------------- the searcher
@@ -89,12 +102,22 @@ def _search_class():
 class SweepCallback(TrialProgress):
     """Appends every trial event to the cell's manifest and prints progress a person can follow."""
 
-    def __init__(self, manifest_path: str, cell_id: str, num_samples: int, metric: str, mode: str):
+    def __init__(self, manifest_path: str, cell_id: str, num_samples: int, metric: str, mode: str,
+                 display: SweepDisplay | None = None):
         self.manifest_path = str(manifest_path)
         self.cell_id = cell_id
         self.metric = metric
         self.mode = mode
         super().__init__(num_samples)
+        self.show(display or SweepDisplay())
+
+    def show(self, display: SweepDisplay) -> None:
+        """Print with `display`'s context (not pickled: ``_display``; see SweepDisplay)."""
+        self._display = display
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.show(SweepDisplay())
 
     @property
     def line_metrics(self) -> tuple[str, ...]:
@@ -108,17 +131,16 @@ class SweepCallback(TrialProgress):
     def manifest(self) -> Manifest:
         return Manifest(Path(self.manifest_path))
 
-    # display context lives in PROGRESS (see there), not in this pickled object
     def _head(self) -> str:
         best = f"best {self.metric} {self._best[0]:.4f} ({self._best[1]})" if self._best else "best -"
-        return (f"[cell {PROGRESS.get('cell_index', 0)}/{PROGRESS.get('n_cells', 0)} {self.cell_id}] "
+        return (f"[cell {self._display.cell_index}/{self._display.n_cells} {self.cell_id}] "
                 f"{super()._head()} | {best}")
 
     def _quiet(self) -> bool:
-        return bool(PROGRESS.get("quiet"))
+        return self._display.quiet
 
     def _interval(self) -> float | None:
-        return PROGRESS.get("interval_s", 30.0)
+        return self._display.interval_s
 
     # ------------------------------------------------------------------ Tune hooks
 

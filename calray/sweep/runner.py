@@ -26,14 +26,13 @@ import yaml
 
 from calray.errors import CalrayError, ConfigError
 from calray.io import atomic_write_text
-from calray.ray.progress import tune_callback
+from calray.ray.progress import progress_of, tune_callback
 from calray.ray.session import init_ray
 from calray.ray.trial import TIME_ATTR, resolve_run_config, run_trial
 from calray.report import render as report_render
 from calray.robustness import grid as robustness_grid
-from calray.sweep import progress as sweep_progress
 from calray.sweep.outputs import FINISHED, Manifest, manifest_path, write_outputs
-from calray.sweep.progress import SweepCallback, cal_optuna_search, trial_dirname
+from calray.sweep.progress import SweepCallback, SweepDisplay, cal_optuna_search, trial_dirname
 from calray.sweep.spec import Cell, SweepPlan, example_params, load_sweep, stored_spec
 
 log = logging.getLogger("calray.sweep")
@@ -190,18 +189,17 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
     atomic_write_text(sdir / "sweep.yaml", yaml.safe_dump(stored_spec(plan), sort_keys=False))
     address = address or spec.ray.address
     _init_ray(address, plan)
-    sweep_progress.PROGRESS.update(n_cells=len(cells), cells_done=0, quiet=quiet)
+    display = SweepDisplay(n_cells=len(cells), quiet=quiet)
     print(f"sweep {spec.name}: {len(cells)} cell(s) × {plan.num_samples()} trial(s) → {sdir}", flush=True)
     t0 = time.time()
     try:
         for i, cell in enumerate(cells, 1):
-            sweep_progress.PROGRESS["cell_index"] = i
+            display.cell_index = i
             try:
-                run_cell(plan, cell, sdir)
+                run_cell(plan, cell, sdir, display)
             finally:
                 records = write_outputs(plan, sdir)
             rec = next(r for r in records if r["cell"] == cell.id)
-            sweep_progress.PROGRESS["cells_done"] = i
             best = (f"best {rec['metric']} {rec['best_value']:.4f} (trial {rec['best_trial']}, "
                     f"test_acc {rec['best_test_acc']:.4f})" if rec["best_trial"] else "no finished trial")
             print(f"cells done {i}/{len(cells)}: {cell.id} {rec['status']} — {rec['n_trials']} trials, "
@@ -291,7 +289,8 @@ def cell_run(plan: SweepPlan, cell: Cell) -> dict:
     return run
 
 
-def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_offset: int):
+def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_offset: int,
+               display: SweepDisplay):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -313,7 +312,7 @@ def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_o
     tune_config = tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
                                   num_samples=num_samples, max_concurrent_trials=spec.max_concurrent_trials,
                                   reuse_actors=_reuse_actors(plan), trial_dirname_creator=trial_dirname)
-    callback = SweepCallback(manifest_path(sdir, cell.id), cell.id, plan.num_samples(), s.metric, s.mode)
+    callback = SweepCallback(manifest_path(sdir, cell.id), cell.id, plan.num_samples(), s.metric, s.mode, display)
     run_config = tune.RunConfig(name=cell.id, storage_path=str(sdir / "ray"), verbose=0, callbacks=[tune_callback(callback)],
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures, fail_fast=False))
     return tune.Tuner(_trainable(plan), param_space=param_space, tune_config=tune_config, run_config=run_config)
@@ -352,14 +351,16 @@ def _retire_experiment(sdir: Path, cell: Cell, manifest: Manifest) -> None:
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
-def run_cell(plan: SweepPlan, cell: Cell, sdir: Path) -> None:
+def run_cell(plan: SweepPlan, cell: Cell, sdir: Path, display: SweepDisplay | None = None) -> None:
     """Run a cell's trials until `num_samples` have finished; restore Ray's experiment if it can.
+    `display`: the sweep's progress-line context (default: this cell alone, not quiet).
 
     Raises KeyboardInterrupt when Tune stopped early on a Ctrl-C (Tune catches the signal itself,
     saves its state and returns).
     """
     from ray import tune
 
+    display = display or SweepDisplay(n_cells=1, cell_index=1)
     n = plan.num_samples()
     manifest = Manifest(manifest_path(sdir, cell.id))
     exp = sdir / "ray" / cell.id
@@ -376,6 +377,7 @@ def run_cell(plan: SweepPlan, cell: Cell, sdir: Path) -> None:
                   f"the remaining trials", flush=True)
         else:
             print(f"[cell {cell.id}] resuming Ray experiment ({finished}/{n} trials finished)", flush=True)
+            _show(tuner, display)
             if _fit(tuner, manifest):
                 raise KeyboardInterrupt
     finished = len(manifest.finished())
@@ -383,9 +385,18 @@ def run_cell(plan: SweepPlan, cell: Cell, sdir: Path) -> None:
         return
     if exp.exists() or manifest.events():  # unrestorable, or num_samples grew: run the rest anew
         _retire_experiment(sdir, cell, manifest)
-    tuner = _new_tuner(plan, cell, sdir, num_samples=n - finished, seed_offset=finished)
+    tuner = _new_tuner(plan, cell, sdir, num_samples=n - finished, seed_offset=finished, display=display)
     if _fit(tuner, manifest) or len(manifest.finished()) < n:
         raise KeyboardInterrupt
+
+
+def _show(tuner, display: SweepDisplay) -> None:
+    """A restored Tuner's SweepCallback comes from its tuner.pkl: give it this sweep's display."""
+    callbacks = [p for p in progress_of(tuner) if isinstance(p, SweepCallback)]
+    if not callbacks:
+        log.warning("restored Tuner: no SweepCallback found; its progress lines ignore --quiet and the cell count")
+    for callback in callbacks:
+        callback.show(display)
 
 
 def _fit(tuner, manifest: Manifest) -> bool:
