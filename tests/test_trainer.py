@@ -182,7 +182,7 @@ def test_non_finite_loss_names_an_exploded_aib_latent(tiny_cfg):
     parts = {"loss_fused": torch.tensor(float("nan")), "aib_kl_audio": torch.tensor(float("inf")),
              "aib_kl_visual": torch.tensor(2.0)}
     with pytest.raises(TrainingError, match=r"AIB latent of audio diverged.*beta_T"):
-        trainer._check_finite((torch.tensor(False), torch.tensor(float("nan")), parts, 4, 1))
+        trainer.guard.check((torch.tensor(float("nan")), parts, 4, 1))
     with pytest.raises(TrainingError) as err:
-        trainer._check_finite((torch.tensor(False), torch.tensor(float("nan")), {"loss_fused": torch.tensor(1.0)}, 0, 0))
+        trainer.guard.check((torch.tensor(float("nan")), {"loss_fused": torch.tensor(1.0)}, 0, 0))
     assert "AIB" not in str(err.value) and "epoch 0, step 0" in str(err.value)

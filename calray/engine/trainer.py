@@ -11,7 +11,9 @@ statistics every step and turns them into W at each refresh, which the plug-ins 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import operator
 import sys
 import time
 from dataclasses import dataclass
@@ -74,6 +76,63 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+def add_all(tensors):
+    """t1 + t2 + …: builtins.sum would start with 0 + t1, one more kernel per call."""
+    return functools.reduce(operator.add, tensors)
+
+
+class TermSums:
+    """Σ over an epoch's steps of (logged loss term × batch size), in float64; the per-step tensors
+    are kept and stacked every FLUSH steps instead of adding three small kernels to every step."""
+
+    FLUSH = 64
+
+    def __init__(self):
+        self.names: list[str] = []
+        self._pending: list[tuple[list, int]] = []
+        self._sums: torch.Tensor | None = None
+
+    def add(self, log: dict, n: int) -> None:
+        self.names = list(log)
+        self._pending.append((list(log.values()), n))
+        if len(self._pending) >= self.FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            values = torch.stack([torch.stack(v) for v, _ in self._pending]).double()
+            weights = torch.tensor([n for _, n in self._pending], dtype=torch.float64, device=values.device)
+            batch = (values * weights[:, None]).sum(0)
+            self._sums = batch if self._sums is None else self._sums + batch
+            self._pending = []
+
+    def total(self) -> torch.Tensor:
+        self._flush()
+        return self._sums
+
+
+class LossGuard:
+    """Stops on a non-finite loss (`check((loss, logged terms, epoch, step))`), naming epoch, step and
+    the terms. On CUDA the check of step t runs at step t+1 (`check(None)` at the epoch's end), so
+    the host never waits for the device mid-epoch; on CPU reading the loss costs nothing."""
+
+    def __init__(self, deferred: bool):
+        self.deferred = deferred
+        self._unchecked = None  # the previous step's (finite flag, pending) on CUDA
+
+    def check(self, pending) -> None:
+        if self.deferred:
+            flagged = None if pending is None else (torch.isfinite(pending[0]), pending)
+            flagged, self._unchecked = self._unchecked, flagged
+            if flagged is None or bool(flagged[0]):
+                return
+            pending = flagged[1]
+        elif pending is None or math.isfinite(float(pending[0])):
+            return
+        loss, parts, epoch, step = pending
+        raise nonfinite_loss_error(float(loss), parts, epoch, step)
+
+
 def nonfinite_loss_error(loss: float, parts: dict, epoch: int, step: int) -> TrainingError:
     exploded = [k[len("aib_kl_"):] for k, v in parts.items() if k.startswith("aib_kl_") and not float(v) < AIB_KL_EXPLODED]
     hint = "lower optim.lr or enable optim.grad_clip"
@@ -121,8 +180,8 @@ class Trainer:
         self.per_update_scheduler = cfg.optim.scheduler == "linear_warmup"
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_updates())
 
-        self.part_sums, self.part_names = None, []  # per-epoch sums of the logged loss terms (train_step)
-        self._unchecked = None  # CUDA: the previous step's deferred finiteness check
+        self.parts = TermSums()  # per-epoch sums of the logged loss terms (train_step)
+        self.guard = LossGuard(self.cuda)
         self.start_epoch, self.started_at = 0, None  # started_at: unix time fit() began (summary.json)
         self.best_val, self.best_epoch, self.epochs_since_best = -math.inf, -1, 0
 
@@ -154,9 +213,9 @@ class Trainer:
             out = self.model(inputs, ablation=m.phi_ablation if self.monitor.enabled else None)
         ce = {k: F.cross_entropy(v.float(), labels) for k, v in out.unimodal_logits.items()}
         loss_fused = F.cross_entropy(out.fused_logits.float(), labels)
-        s = Step(epoch, step, labels, out, ce,
-                 log={"loss_fused": loss_fused.detach(), "loss_unimodal": sum(ce.values()).detach()})
-        terms = {"fused": loss_fused, "unimodal": m.unimodal_weight * sum(ce.values())}  # eq 21's base
+        ce_sum = add_all(ce.values())
+        s = Step(epoch, step, labels, out, ce, log={"loss_fused": loss_fused.detach(), "loss_unimodal": ce_sum.detach()})
+        terms = {"fused": loss_fused, "unimodal": m.unimodal_weight * ce_sum}  # eq 21's base
         for method in self.methods:
             terms = method.loss_terms(s, terms)
         return s, terms
@@ -180,15 +239,13 @@ class Trainer:
         accumulating = not update and hasattr(self.model, "no_sync")  # DDP: sync only on the update
         with self.model.no_sync() if accumulating else contextlib.nullcontext():
             s, terms = self._forward_loss(inputs, labels, epoch, step)
-            loss = sum(terms.values())
-            self._check_finite((torch.isfinite(loss.detach()), loss.detach(), s.log, epoch, step))
+            loss = add_all(terms.values())
+            self.guard.check((loss.detach(), s.log, epoch, step))
             accum = self.cfg.optim.grad_accum
             scaled = terms if accum == 1 else {k: v / accum for k, v in terms.items()}
             if not any(method.backward(scaled, self.model) for method in self.methods):
-                (loss if accum == 1 else sum(scaled.values())).backward()
-        part_values = torch.stack(list(s.log.values())) * len(labels)
-        self.part_sums = part_values if self.part_sums is None else self.part_sums + part_values
-        self.part_names = list(s.log)
+                (loss if accum == 1 else add_all(scaled.values())).backward()
+        self.parts.add(s.log, len(labels))
         if update:
             for method in self.methods:  # eq 14 is linear: scaling the accumulated sum = scaling each part
                 method.after_backward(self.raw_model, s)
@@ -201,22 +258,13 @@ class Trainer:
         self.monitor.update(s.out, labels)
         return loss.detach()
 
-    def _check_finite(self, pending) -> None:
-        """Stop on a non-finite loss, naming epoch and step. On CUDA the check of step t runs at
-        step t+1 (or at the epoch's end), so the host never waits for the device mid-epoch."""
-        if self.cuda:
-            pending, self._unchecked = self._unchecked, pending
-        if pending is not None and not bool(pending[0]):
-            _, loss, parts, epoch, step = pending
-            raise nonfinite_loss_error(float(loss), parts, epoch, step)
-
     def train_epoch(self, epoch: int) -> dict:
         cfg = self.cfg
         self.model.train()
         self.train_loader.sampler.set_epoch(epoch)
         self.monitor.start_epoch()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.part_sums, self.part_names, seen = None, [], 0
+        self.parts, seen = TermSums(), 0
         total, accum = self.batches_per_epoch(), cfg.optim.grad_accum
         bar = self._progress(self.train_loader, total, f"epoch {epoch + 1}/{cfg.optim.epochs}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -234,13 +282,13 @@ class Trainer:
             if hasattr(bar, "set_postfix") and step % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss):.3f}")
         if self.cuda:
-            self._check_finite(None)  # the last step's deferred check
+            self.guard.check(None)  # the last step's deferred check
         contrib = self.refresh_contributions(end_of_epoch=True)
         n_seen = float(all_reduce_sum(torch.tensor(float(seen), dtype=torch.float64, device=self.device)))
         row = {"train_loss": float(all_reduce_sum(loss_sum)) / max(n_seen, 1.0), "train_samples": int(n_seen)}
-        if self.part_sums is not None:  # epoch means of the loss terms: train_loss_fused, train_aib_kl_<m>, ...
-            sums = all_reduce_sum(self.part_sums.double())
-            row.update({f"train_{k}": float(v) / max(n_seen, 1.0) for k, v in zip(self.part_names, sums)})
+        if self.parts.names:  # epoch means of the loss terms: train_loss_fused, train_aib_kl_<m>, ...
+            sums = all_reduce_sum(self.parts.total())
+            row.update({f"train_{k}": float(v) / max(n_seen, 1.0) for k, v in zip(self.parts.names, sums)})
         row.update(self.monitor.train_accuracy())
         row.update(contrib)
         return row
