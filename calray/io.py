@@ -1,5 +1,6 @@
 """File writing shared by every layer: atomic writes (temp file + rename, the umask's mode), JSON
-and JSON lines, and making a config's paths absolute. No torch: the sweep driver stays light."""
+and JSON lines, and the names of the files every layer writes (run, sweep and robustness-grid
+directories). No torch: the sweep driver stays light."""
 
 from __future__ import annotations
 
@@ -10,6 +11,38 @@ import threading
 from pathlib import Path
 
 _UMASK_LOCK = threading.Lock()
+
+# ---------------------------------------------------------------- file names (every layer's, here)
+
+# a run directory (calray.engine)
+CONFIG_FILE = "config.yaml"  # the resolved run config
+METRICS_FILE = "metrics.jsonl"  # one row per epoch
+SUMMARY_FILE = "summary.json"  # the finished run's numbers
+CHECKPOINTS_DIR = "checkpoints"
+BEST_CHECKPOINT = "best.pt"  # in CHECKPOINTS_DIR: the best validation epoch
+LAST_CHECKPOINT = "last.pt"  # in CHECKPOINTS_DIR: the latest epoch (resume)
+# what a Ray Tune trial adds to its run directory (calray.ray.trial)
+TRIAL_FILE = "trial.json"
+ERROR_FILE = "error.txt"  # a failed trial's one-line error
+TRAIN_LOG = "train.log"
+# a sweep directory (calray.sweep)
+SWEEP_FILE = "sweep.yaml"
+CELLS_FILE = "cells.json"
+TRIALS_PARQUET = "trials.parquet"
+TRIALS_CSV = "trials.csv"
+OPTUNA_JOURNAL = "optuna.journal"
+MANIFEST_DIR = "manifest"  # <cell>.jsonl: the sweep's own record of its trials
+BEST_DIR = "best"  # <cell>.yaml: each cell's best config
+RUNS_DIR = "runs"  # <cell>/<trial id>/: the trials' run directories
+RAY_DIR = "ray"  # <cell>/: Ray Tune's experiment state
+RETRAIN_DIR = "retrain"  # where a best config re-trains
+# a robustness grid's outputs, in the sweep or run directory it evaluated (calray.robustness)
+ROBUSTNESS_PARQUET = "robustness.parquet"
+ROBUSTNESS_CSV = "robustness.csv"
+ROBUSTNESS_SUMMARY_PARQUET = "robustness_summary.parquet"
+ROBUSTNESS_SUMMARY_CSV = "robustness_summary.csv"
+ROBUSTNESS_GRID_FILE = "robustness_grid.json"
+ROBUSTNESS_DIR = "robustness"  # runs/<cell>/<retrain>/ and tune/: the train+test retrains
 
 
 def current_umask() -> int:

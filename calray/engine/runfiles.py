@@ -10,10 +10,7 @@ from pathlib import Path
 from calray.config import save_config
 from calray.engine.runinfo import environment
 from calray.engine.tensorboard import TensorBoardLog
-from calray.io import append_jsonl, read_jsonl, write_json, write_jsonl
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
+from calray.io import METRICS_FILE, SUMMARY_FILE, append_jsonl, read_jsonl, write_json, write_jsonl
 
 
 def seeds(cfg) -> dict:

@@ -50,6 +50,7 @@ from calray.engine.evaluate import to_device
 from calray.engine.resume import check_resumable
 from calray.engine.trainer import RunContext, Trainer
 from calray.errors import ConfigError, TrainingError
+from calray.io import LAST_CHECKPOINT
 from calray.models.multimodal import ModelOutput, batched_sample
 from calray.ray.session import init_ray
 
@@ -212,9 +213,10 @@ def _local_checkpoint(checkpoint) -> Path | None:
     if checkpoint is None:
         return None
     local = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="calray_resume_")))
-    path = local / "last.pt"
+    path = local / LAST_CHECKPOINT
     if not path.is_file():
-        raise TrainingError(f"Ray checkpoint {checkpoint.path} has no last.pt (files: {sorted(os.listdir(local))})")
+        raise TrainingError(f"Ray checkpoint {checkpoint.path} has no {LAST_CHECKPOINT} "
+                            f"(files: {sorted(os.listdir(local))})")
     return path
 
 
@@ -301,7 +303,7 @@ def train_loop_per_worker(config: dict) -> dict:
             rank_log.write(row)
         if checkpoint_path is not None:
             with tempfile.TemporaryDirectory(prefix="calray_ckpt_") as tmp:
-                shutil.copy2(checkpoint_path, Path(tmp) / "last.pt")
+                shutil.copy2(checkpoint_path, Path(tmp) / LAST_CHECKPOINT)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_epoch{row['epoch']:05d}")
         else:

@@ -14,7 +14,8 @@ import functools
 import time
 from pathlib import Path
 
-from calray.ray.trial import FINAL_KEY, sampled_params
+from calray.io import ERROR_FILE
+from calray.ray.trial import TIME_ATTR, TrialStatus, sampled_params
 
 
 def _err_line(text: str | None) -> str:
@@ -94,17 +95,17 @@ class TrialProgress:
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        status = "TERMINATED" if last.get(FINAL_KEY) == 1 else "PRUNED"
+        status = TrialStatus.of_ended(last)
         self._count_end(trial.trial_id, status, last)
-        if status == "TERMINATED":
+        if status == TrialStatus.TERMINATED:
             extra = "".join(f" {k}={_num(last.get(k))}" for k in self.line_metrics)
         else:
             key = self.line_metrics[0]
-            extra = f" at epoch {last.get('epochs_done', '?')} ({key}={_num(last.get(key))})"
+            extra = f" at epoch {last.get(TIME_ATTR, '?')} ({key}={_num(last.get(key))})"
         self._print(f"{self._describe(trial)} {status}{extra}", force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._count_end(trial.trial_id, "ERROR", None)
+        self._count_end(trial.trial_id, TrialStatus.ERROR, None)
         self._print(f"{self._describe(trial)} ERROR: {self._error_message(trial)}", force=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -115,7 +116,7 @@ class TrialProgress:
     def _error_message(self, trial) -> str:
         run_dir = self._run_dir(trial)
         if run_dir is not None:
-            p = Path(run_dir) / "error.txt"
+            p = Path(run_dir) / ERROR_FILE
             if p.is_file():
                 return _err_line(p.read_text())
         try:
@@ -126,11 +127,11 @@ class TrialProgress:
             pass
         return "unknown error (see the trial's error file under ray/)"
 
-    def _count_end(self, trial_id: str, status: str, final: dict | None):
+    def _count_end(self, trial_id: str, status: TrialStatus, final: dict | None):
         self._running.discard(trial_id)
         self._finished += 1
-        self._failed += status == "ERROR"
-        self._pruned += status == "PRUNED"
+        self._failed += status == TrialStatus.ERROR
+        self._pruned += status == TrialStatus.PRUNED
 
     def _print(self, event: str | None, force: bool = False):
         if self._quiet():

@@ -40,6 +40,7 @@ import contextlib
 import json
 import math
 import threading
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,12 +49,34 @@ from calray.data.base import DatasetSplits, build_datasets
 from calray.engine.runinfo import library_versions
 from calray.engine.trainer import RunContext, train
 from calray.errors import ConfigError
-from calray.io import write_json
+from calray.io import ERROR_FILE, METRICS_FILE, SUMMARY_FILE, TRAIN_LOG, TRIAL_FILE, write_json
 from calray.ray.distributed import build_torch_trainer
 
 RESERVED_KEYS = ("run", "overrides", "run_dir", "runs_root", "cell", "sweep")
 TIME_ATTR = "epochs_done"  # the per-epoch time attribute schedulers should use
 FINAL_KEY = "final"
+
+
+class TrialStatus(str, Enum):
+    """A trial's status in the sweep's manifest, trials table and progress lines. A `str`: the
+    files hold the plain names, which are Ray Tune's `Trial.status` where Tune has one."""
+
+    RUNNING = "RUNNING"
+    TERMINATED = "TERMINATED"  # finished: its final report (FINAL_KEY == 1) arrived
+    PRUNED = "PRUNED"  # ended without a final report and without an error: a scheduler stopped it
+    ERROR = "ERROR"
+    ABANDONED = "ABANDONED"  # left unfinished by a Ray experiment that could not be restored
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def of_ended(cls, last_result: dict | None) -> "TrialStatus":
+        """TERMINATED or PRUNED: the status of a trial that ended without an error."""
+        return cls.TERMINATED if (last_result or {}).get(FINAL_KEY) == 1 else cls.PRUNED
+
+
+FINISHED = (TrialStatus.TERMINATED, TrialStatus.PRUNED, TrialStatus.ERROR)  # a trial that will not run again
 
 
 
@@ -108,7 +131,7 @@ def summary_metrics(summary: dict) -> dict[str, Any]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     rows = []
@@ -176,7 +199,7 @@ WORKER_SPLITS = SplitsCache()  # this process's datasets, shared by the trials i
 
 def _write_trial_json(run_dir: Path, config: dict, cfg: RunConfig, trial_id: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "trial.json", {
+    write_json(run_dir / TRIAL_FILE, {
         "trial_id": trial_id, "sweep": config.get("sweep"), "cell": config.get("cell"),
         "params": sampled_params(config), "overrides": config.get("overrides") or {},
         "seed": cfg.runtime.seed, "seeds": {"runtime": cfg.runtime.seed, "data": cfg.data.seed,
@@ -188,7 +211,7 @@ def _record_error(run_dir: Path, err: BaseException) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         msg = f"{type(err).__name__}: {err}".splitlines()[0] if str(err) else type(err).__name__
-        (run_dir / "error.txt").write_text(msg + "\n")
+        (run_dir / ERROR_FILE).write_text(msg + "\n")
     except OSError:
         pass
 
@@ -249,7 +272,7 @@ def _run_in_process(cfg: RunConfig, run_dir: Path, report, splits: SplitsCache) 
 
     run_dir.mkdir(parents=True, exist_ok=True)
     datasets = splits.get(cfg)
-    with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with open(run_dir / TRAIN_LOG, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         summary = train(cfg, RunContext(run_dir=run_dir, reporter=reporter), splits=datasets)
     return summary, read_metrics(run_dir)
 
@@ -263,7 +286,7 @@ def _run_distributed(cfg: RunConfig, run_dir: Path, report) -> tuple[dict, list[
     result = trainer.fit()  # raises when the run fails (after distributed.max_failures restarts)
     summary = getattr(result, "return_value", None)
     if not isinstance(summary, dict):
-        path = run_dir / "summary.json"
+        path = run_dir / SUMMARY_FILE
         if not path.is_file():
             raise RuntimeError(f"distributed trial finished without {path}")
         summary = json.loads(path.read_text())

@@ -37,6 +37,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -51,7 +52,9 @@ from calray.engine.checkpoint import load_checkpoint
 from calray.engine.resume import check_resumable
 from calray.engine.trainer import Trainer
 from calray.errors import CalrayError, ConfigError
-from calray.io import atomic_write_bytes, write_json
+from calray.io import (BEST_CHECKPOINT, BEST_DIR, CELLS_FILE, CHECKPOINTS_DIR, CONFIG_FILE, ROBUSTNESS_CSV,
+                       ROBUSTNESS_DIR, ROBUSTNESS_GRID_FILE, ROBUSTNESS_PARQUET, ROBUSTNESS_SUMMARY_CSV,
+                       ROBUSTNESS_SUMMARY_PARQUET, RUNS_DIR, SUMMARY_FILE, atomic_write_bytes, write_json)
 from calray.ray.progress import RetrainProgress, tune_callback
 from calray.ray.session import init_ray
 from calray.ray.trial import run_trial
@@ -61,6 +64,17 @@ MODES = ("test", "train+test")
 ROW_COLUMNS = ["dataset", "strategy", "cell", "kind", "eps", "mode", "seed", "acc", "macro_f1", "n", "loss",
                "train_seed", "noise_seed", "status", "error", "source"]
 GROUP_COLUMNS = ["dataset", "strategy", "cell", "kind", "eps", "mode"]
+TUNE_DIR = "tune"  # in ROBUSTNESS_DIR: Ray Tune's state of the train+test retrains
+
+
+class RowStatus(str, Enum):
+    """A robustness row's status (a `str`: the tables hold the plain names)."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 # ---------------------------------------------------------------- the grid spec
@@ -174,21 +188,21 @@ def _resolve(base: Path, p: str | None) -> Path | None:
 
 
 def _run_config(run_dir: Path) -> RunConfig:
-    return load_config(run_dir / "config.yaml")
+    return load_config(run_dir / CONFIG_FILE)
 
 
 def _run_target(run_dir: Path, checkpoint: Path | None = None) -> Target:
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise CalrayError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = _run_config(run_dir)
-    ckpt = checkpoint or run_dir / "checkpoints" / "best.pt"
+    ckpt = checkpoint or run_dir / CHECKPOINTS_DIR / BEST_CHECKPOINT
     return Target(cell=run_dir.name, config=cfg, retrain_config=cfg,
                   checkpoint=ckpt if ckpt.is_file() else None, run_dir=run_dir)
 
 
 def read_cells(sweep_dir: Path) -> list[dict]:
-    path = sweep_dir / "cells.json"
+    path = sweep_dir / CELLS_FILE
     cells = _load_json(path, "the sweep's cell list")
     if not isinstance(cells, list) or not all(isinstance(c, dict) and "cell" in c for c in cells):
         raise CalrayError(f"{path}: expected a list of cell records, each with a 'cell' key")
@@ -201,17 +215,17 @@ def resolve_targets(path: Path, cell_patterns: list[str] | None = None) -> tuple
     if not path.exists():
         raise CalrayError(f"{path}: no such sweep directory, run directory or checkpoint")
     if path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path.parent
         return run_dir, "run", [_run_target(run_dir, checkpoint=path)]
-    if (path / "cells.json").is_file():
+    if (path / CELLS_FILE).is_file():
         targets = []
         for rec in read_cells(path):
             cell = str(rec["cell"])
             if cell_patterns and not any(fnmatch.fnmatchcase(cell, p) for p in cell_patterns):
                 continue
             run_dir = _resolve(path, rec.get("best_run_dir"))
-            best_yaml = _resolve(path, rec.get("best_config") or f"best/{cell}.yaml")
-            if run_dir is None or not (run_dir / "config.yaml").is_file():
+            best_yaml = _resolve(path, rec.get("best_config") or f"{BEST_DIR}/{cell}.yaml")
+            if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
                 _say(f"cell {cell}: no best run to evaluate (status {rec.get('status')!r}); skipped")
                 continue
             t = _run_target(run_dir)
@@ -223,7 +237,7 @@ def resolve_targets(path: Path, cell_patterns: list[str] | None = None) -> tuple
             which = f" matching {cell_patterns}" if cell_patterns else ""
             raise CalrayError(f"{path}: no cell{which} with a finished best run in cells.json")
         return path, "sweep", targets
-    if (path / "config.yaml").is_file():
+    if (path / CONFIG_FILE).is_file():
         return path, "run", [_run_target(path)]
     raise CalrayError(f"{path}: not a sweep directory (no cells.json) nor a run directory (no config.yaml)")
 
@@ -256,7 +270,7 @@ def _row(target: Target, kind: str, eps: float, mode: str, seed: int, metrics: d
            "eps": float(eps), "mode": mode, "seed": int(seed),
            "acc": math.nan, "macro_f1": math.nan, "n": math.nan, "loss": math.nan,
            "train_seed": train_seed, "noise_seed": noise_seed,
-           "status": "ok" if error is None else "failed", "error": error, "source": source}
+           "status": RowStatus.OK if error is None else RowStatus.FAILED, "error": error, "source": source}
     if metrics:
         row.update(acc=metrics["acc"], macro_f1=metrics["macro_f1"], n=metrics.get("n", math.nan),
                    loss=metrics.get("loss", math.nan))
@@ -361,7 +375,7 @@ def plan_retrains(target: Target, spec: GridSpec, out_dir: Path) -> list[Retrain
             cfg = _with_noise(target.retrain_config, kind, eps, "train+test", nseed)
             tree = cfg.to_dict()
             tree["runtime"].update(seed=tseed, progress=False, resume=True,
-                                   output_dir=str((out_dir / "robustness" / "runs" / target.cell).resolve()),
+                                   output_dir=str((out_dir / ROBUSTNESS_DIR / RUNS_DIR / target.cell).resolve()),
                                    run_name=f"{kind}_eps{_eps_tag(eps)}_seed{tseed}")
             if spec.epochs is not None:
                 tree["optim"]["epochs"] = spec.epochs
@@ -374,7 +388,7 @@ def plan_retrains(target: Target, spec: GridSpec, out_dir: Path) -> list[Retrain
 def _finished_summary(plan: Retrain) -> dict | None:
     """The summary of an identical, finished retrain (reused instead of training again)."""
     run_dir = plan.run_dir
-    summary_path, cfg_path = run_dir / "summary.json", run_dir / "config.yaml"
+    summary_path, cfg_path = run_dir / SUMMARY_FILE, run_dir / CONFIG_FILE
     if not (summary_path.is_file() and cfg_path.is_file()):
         return None
     try:
@@ -416,7 +430,7 @@ def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str 
         resources = {"cpu": spec.cpus_per_trial}
         if spec.gpus_per_trial:
             resources["gpu"] = spec.gpus_per_trial
-        storage = (out_dir / "robustness" / "tune").resolve()
+        storage = (out_dir / ROBUSTNESS_DIR / TUNE_DIR).resolve()
         storage.mkdir(parents=True, exist_ok=True)
         name = f"train_test_{time.strftime('%Y%m%d-%H%M%S')}"
         tuner = tune.Tuner(
@@ -484,11 +498,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     cols = GROUP_COLUMNS + ["acc_mean", "acc_std", "macro_f1_mean", "macro_f1_std", "n", "n_failed"]
     if df.empty:
         return pd.DataFrame(columns=cols)
-    ok = df[df["status"] == "ok"]
+    ok = df[df["status"] == RowStatus.OK]
     g = ok.groupby(GROUP_COLUMNS, sort=False, dropna=False)
     out = g.agg(acc_mean=("acc", "mean"), acc_std=("acc", "std"), macro_f1_mean=("macro_f1", "mean"),
                 macro_f1_std=("macro_f1", "std"), n=("acc", "size")).reset_index()
-    failed = (df[df["status"] != "ok"].groupby(GROUP_COLUMNS, sort=False, dropna=False).size()
+    failed = (df[df["status"] != RowStatus.OK].groupby(GROUP_COLUMNS, sort=False, dropna=False).size()
               .rename("n_failed").reset_index())
     out = out.merge(failed, on=GROUP_COLUMNS, how="outer")
     out["n"] = out["n"].fillna(0).astype(int)
@@ -510,7 +524,7 @@ def _tidy(rows: list[dict]) -> pd.DataFrame:
 def read_robustness(directory: Path) -> pd.DataFrame | None:
     """The raw robustness rows saved in `directory`, or None when there are none."""
     directory = Path(directory)
-    pq, csv = directory / "robustness.parquet", directory / "robustness.csv"
+    pq, csv = directory / ROBUSTNESS_PARQUET, directory / ROBUSTNESS_CSV
     try:
         if pq.is_file():
             return pd.read_parquet(pq)
@@ -530,11 +544,11 @@ def save_tables(df: pd.DataFrame, out_dir: Path, spec: GridSpec) -> pd.DataFrame
         if not keep.empty:
             df = _tidy(pd.concat([keep, df], ignore_index=True).to_dict("records"))
     summary = summarize(df)
-    atomic_write_bytes(out_dir / "robustness.csv", lambda f: f.write(df.to_csv(index=False).encode()))
-    atomic_write_bytes(out_dir / "robustness.parquet", lambda f: df.to_parquet(f, index=False))
-    atomic_write_bytes(out_dir / "robustness_summary.csv", lambda f: f.write(summary.to_csv(index=False).encode()))
-    atomic_write_bytes(out_dir / "robustness_summary.parquet", lambda f: summary.to_parquet(f, index=False))
-    write_json(out_dir / "robustness_grid.json", {"grid": spec.model_dump(mode="json"),
+    atomic_write_bytes(out_dir / ROBUSTNESS_CSV, lambda f: f.write(df.to_csv(index=False).encode()))
+    atomic_write_bytes(out_dir / ROBUSTNESS_PARQUET, lambda f: df.to_parquet(f, index=False))
+    atomic_write_bytes(out_dir / ROBUSTNESS_SUMMARY_CSV, lambda f: f.write(summary.to_csv(index=False).encode()))
+    atomic_write_bytes(out_dir / ROBUSTNESS_SUMMARY_PARQUET, lambda f: summary.to_parquet(f, index=False))
+    write_json(out_dir / ROBUSTNESS_GRID_FILE, {"grid": spec.model_dump(mode="json"),
                                                    "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                                    "rows": len(df)})
     return df
@@ -577,7 +591,7 @@ def run_grid(sweep_dir: Path, grid: dict | GridSpec | None = None, address: str 
         rows += evaluate_train_test_grid(targets, spec, out_dir, address, quiet=quiet)
     df = save_tables(_tidy(rows), out_dir, spec)
     summary = summarize(df)
-    _say(f"wrote {out_dir / 'robustness.csv'}, robustness.parquet, robustness_summary.csv ({len(df)} rows)")
+    _say(f"wrote {out_dir / ROBUSTNESS_CSV}, {ROBUSTNESS_PARQUET}, {ROBUSTNESS_SUMMARY_CSV} ({len(df)} rows)")
     print(format_summary(summary), flush=True)
     return df
 

@@ -17,14 +17,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from calray.io import atomic_write_bytes, atomic_write_text
+from calray.io import (BEST_DIR, CELLS_FILE, MANIFEST_DIR, RETRAIN_DIR, RUNS_DIR, TRIALS_CSV, TRIALS_PARQUET,
+                       atomic_write_bytes, atomic_write_text)
+from calray.ray.trial import FINAL_KEY, FINISHED, TIME_ATTR, TrialStatus, read_metrics, resolve_run_config
 from calray.sweep.spec import Cell, SweepPlan
-from calray.ray.trial import FINAL_KEY, TIME_ATTR, read_metrics, resolve_run_config
 
 # keys Ray Tune adds to every result; they are not the run's metrics
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "date", "hostname",
@@ -32,7 +34,18 @@ TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestam
              "iterations_since_restore", "timesteps_total", "episodes_total", "timesteps_since_restore",
              "experiment_id", "should_checkpoint", "checkpoint_dir_name", "config", "__duplicate__"}
 PER_TRIAL = ("test_acc", "best_val_acc", "best_epoch", "run_dir")
-FINISHED = ("TERMINATED", "PRUNED", "ERROR")
+
+
+class CellStatus(str, Enum):
+    """A cell's status in cells.json (a `str`: the file holds the plain names)."""
+
+    PENDING = "pending"  # no trial yet
+    PARTIAL = "partial"  # fewer finished trials than num_samples
+    FAILED = "failed"  # every finished trial errored
+    DONE = "done"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class Manifest:
@@ -68,12 +81,12 @@ class Manifest:
             if not tid:
                 continue
             t = trials.setdefault(tid, {"trial_id": tid, "params": {}, "epochs": {}, "final": None,
-                                        "status": "RUNNING", "error": None, "run_dir": None})
+                                        "status": TrialStatus.RUNNING, "error": None, "run_dir": None})
             kind = ev.get("ev")
             if kind == "start":
                 t["params"] = ev.get("params") or t["params"]
                 if t["status"] not in FINISHED:
-                    t["status"] = "RUNNING"
+                    t["status"] = TrialStatus.RUNNING
             elif kind == "result":
                 m = ev.get("metrics") or {}
                 t["run_dir"] = m.get("run_dir") or t["run_dir"]
@@ -82,7 +95,7 @@ class Manifest:
                 elif "epoch" in m:
                     t["epochs"][int(m["epoch"])] = m
             elif kind == "end":
-                t["status"] = ev.get("status", "TERMINATED")
+                t["status"] = ev.get("status", TrialStatus.TERMINATED)
                 t["error"] = ev.get("error")
                 if ev.get("run_dir"):
                     t["run_dir"] = ev["run_dir"]
@@ -99,7 +112,7 @@ def _json_default(o):
 
 
 def manifest_path(sweep_dir: Path, cell_id: str) -> Path:
-    return Path(sweep_dir) / "manifest" / f"{cell_id}.jsonl"
+    return Path(sweep_dir) / MANIFEST_DIR / f"{cell_id}.jsonl"
 
 
 def clean_metrics(result: dict) -> dict:
@@ -147,7 +160,7 @@ def epoch_rows(t: dict) -> dict[int, dict]:
     rows = {e: dict(r) for e, r in t["epochs"].items()}
     run_dir = t.get("run_dir")
     # a pruned trial ends at its last report (a run that went on after the stop is not counted)
-    last = max(rows) if t.get("status") == "PRUNED" and rows else None
+    last = max(rows) if t.get("status") == TrialStatus.PRUNED and rows else None
     if run_dir:
         for r in read_metrics(Path(run_dir)):
             if "epoch" in r and (last is None or int(r["epoch"]) <= last):
@@ -178,22 +191,23 @@ def trial_rows(sweep: str, cell: Cell, t: dict) -> list[dict]:
 def select_best(trials: dict[str, dict], metric: str, mode: str) -> dict | None:
     """The best finished trial on `metric` in its final report (TERMINATED trials only)."""
     scored = [(t["final"][metric], t) for t in trials.values()
-              if t["status"] == "TERMINATED" and t.get("final") and _finite(t["final"].get(metric))]
+              if t["status"] == TrialStatus.TERMINATED and t.get("final") and _finite(t["final"].get(metric))]
     if not scored:
         return None
     sign = 1 if mode == "max" else -1
     return max(scored, key=lambda x: sign * x[0])[1]
 
 
-def cell_status(trials: dict[str, dict], num_samples: int) -> str:
+def cell_status(trials: dict[str, dict], num_samples: int) -> CellStatus:
     """pending (no trial yet), partial (fewer finished than num_samples), failed (every finished
     trial errored), done."""
     if not trials:
-        return "pending"
+        return CellStatus.PENDING
     finished = [t for t in trials.values() if t["status"] in FINISHED]
     if len(finished) < num_samples:
-        return "partial"
-    return "done" if any(t["status"] in ("TERMINATED", "PRUNED") for t in finished) else "failed"
+        return CellStatus.PARTIAL
+    ok = (TrialStatus.TERMINATED, TrialStatus.PRUNED)
+    return CellStatus.DONE if any(t["status"] in ok for t in finished) else CellStatus.FAILED
 
 
 def best_run_config(cell: Cell, params: dict, sweep_dir: Path) -> dict:
@@ -201,7 +215,7 @@ def best_run_config(cell: Cell, params: dict, sweep_dir: Path) -> dict:
     cfg = resolve_run_config({"run": cell.run, **params}, source=f"cell {cell.id}")
     tree = cfg.to_dict()
     tree["name"] = cell.id
-    tree["runtime"]["output_dir"] = str((Path(sweep_dir) / "retrain").resolve())
+    tree["runtime"]["output_dir"] = str((Path(sweep_dir) / RETRAIN_DIR).resolve())
     tree["runtime"]["run_name"] = cell.id
     tree["runtime"]["progress"] = True
     return tree
@@ -218,20 +232,20 @@ def cell_record(plan: SweepPlan, cell: Cell, sweep_dir: Path) -> tuple[dict, lis
     trials = Manifest(manifest_path(sweep_dir, cell.id)).trials()
     for tid, t in trials.items():  # a trial that failed before its first report named no run dir
         if not t.get("run_dir"):
-            t["run_dir"] = str(Path(sweep_dir) / "runs" / cell.id / tid)
+            t["run_dir"] = str(Path(sweep_dir) / RUNS_DIR / cell.id / tid)
     finished = {k: t for k, t in trials.items() if t["status"] in FINISHED}
     rows = [r for t in finished.values() for r in trial_rows(spec.name, cell, t)]
     rec = {**cell.summary(), "status": cell_status(trials, plan.num_samples()),
-           "n_trials": len(finished), "n_failed": sum(t["status"] == "ERROR" for t in finished.values()),
-           "n_pruned": sum(t["status"] == "PRUNED" for t in finished.values()),
-           "n_running": sum(t["status"] == "RUNNING" for t in trials.values()),
+           "n_trials": len(finished), "n_failed": sum(t["status"] == TrialStatus.ERROR for t in finished.values()),
+           "n_pruned": sum(t["status"] == TrialStatus.PRUNED for t in finished.values()),
+           "n_running": sum(t["status"] == TrialStatus.RUNNING for t in trials.values()),
            "num_samples": plan.num_samples(), "metric": spec.search.metric, "mode": spec.search.mode,
            "best_trial": None, "best_value": None, "best_val_acc": None, "best_test_acc": None,
            "best_params": None, "best_config": None, "best_run_dir": None}
     best = select_best(finished, spec.search.metric, spec.search.mode)
     if best is not None:
         nums = trial_numbers(best)
-        rel = f"best/{cell.id}.yaml"
+        rel = f"{BEST_DIR}/{cell.id}.yaml"
         header = (f"best trial {best['trial_id']} of cell {cell.id} (sweep {spec.name}): "
                   f"{spec.search.metric}={best['final'][spec.search.metric]:.4f}, "
                   f"best_val_acc={nums['best_val_acc']:.4f}, test_acc={nums['test_acc']:.4f}\n"
@@ -258,7 +272,7 @@ def write_outputs(plan: SweepPlan, sweep_dir: Path, cells: list[Cell] | None = N
         rec, cell_rows = cell_record(plan, cell, sweep_dir)
         records.append(rec)
         rows.extend(cell_rows)
-    atomic_write_text(sweep_dir / "cells.json", json.dumps(records, indent=2, default=_json_default) + "\n")
+    atomic_write_text(sweep_dir / CELLS_FILE, json.dumps(records, indent=2, default=_json_default) + "\n")
     df = pd.DataFrame(rows, columns=_columns(rows))
     _write_table(df, sweep_dir)
     return records
@@ -291,8 +305,8 @@ def _write_table(df, sweep_dir: Path) -> None:
             if len(kinds) > 1:
                 df[col] = df[col].map(lambda v: None if v is None else str(v))
     try:
-        atomic_write_bytes(sweep_dir / "trials.parquet", lambda f: df.to_parquet(f, index=False))
+        atomic_write_bytes(sweep_dir / TRIALS_PARQUET, lambda f: df.to_parquet(f, index=False))
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         df = df.astype({c: str for c in df.columns if df[c].dtype == object})
-        atomic_write_bytes(sweep_dir / "trials.parquet", lambda f: df.to_parquet(f, index=False))
-    atomic_write_bytes(sweep_dir / "trials.csv", lambda f: f.write(df.to_csv(index=False).encode()))
+        atomic_write_bytes(sweep_dir / TRIALS_PARQUET, lambda f: df.to_parquet(f, index=False))
+    atomic_write_bytes(sweep_dir / TRIALS_CSV, lambda f: f.write(df.to_csv(index=False).encode()))

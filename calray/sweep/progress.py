@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calray.ray.progress import TrialProgress
-from calray.ray.trial import FINAL_KEY, sampled_params
+from calray.ray.trial import FINAL_KEY, TrialStatus, sampled_params
 from calray.sweep.outputs import Manifest, clean_metrics
 
 log = logging.getLogger("calray.sweep")
@@ -158,21 +158,20 @@ class SweepCallback(TrialProgress):
         super().on_trial_result(iteration, trials, trial, result, **info)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        status = "TERMINATED" if last.get(FINAL_KEY) == 1 else "PRUNED"
+        status = TrialStatus.of_ended(trial.last_result)
         self.manifest.append({"ev": "end", "trial_id": trial.trial_id, "status": status, "error": None})
         super().on_trial_complete(iteration, trials, trial, **info)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         msg = self._error_message(trial)
-        self.manifest.append({"ev": "end", "trial_id": trial.trial_id, "status": "ERROR", "error": msg})
+        self.manifest.append({"ev": "end", "trial_id": trial.trial_id, "status": TrialStatus.ERROR, "error": msg})
         super().on_trial_error(iteration, trials, trial, **info)
 
     # ------------------------------------------------------------------ helpers
 
-    def _count_end(self, trial_id: str, status: str, final: dict | None):
+    def _count_end(self, trial_id: str, status: TrialStatus, final: dict | None):
         super()._count_end(trial_id, status, final)
-        if status == "TERMINATED" and final:
+        if status == TrialStatus.TERMINATED and final:
             v = final.get(self.metric)
             if isinstance(v, (int, float)) and math.isfinite(v):
                 better = self._best is None or (v > self._best[0] if self.mode == "max" else v < self._best[0])

@@ -25,13 +25,14 @@ from pathlib import Path
 import yaml
 
 from calray.errors import CalrayError, ConfigError
-from calray.io import atomic_write_text
+from calray.io import (BEST_DIR, CELLS_FILE, MANIFEST_DIR, OPTUNA_JOURNAL, RAY_DIR, RUNS_DIR, SWEEP_FILE,
+                       TRIALS_PARQUET, atomic_write_text)
 from calray.ray.progress import progress_of, tune_callback
 from calray.ray.session import init_ray
-from calray.ray.trial import TIME_ATTR, resolve_run_config, run_trial
+from calray.ray.trial import FINISHED, TIME_ATTR, TrialStatus, resolve_run_config, run_trial
 from calray.report import render as report_render
 from calray.robustness import grid as robustness_grid
-from calray.sweep.outputs import FINISHED, Manifest, manifest_path, write_outputs
+from calray.sweep.outputs import Manifest, manifest_path, write_outputs
 from calray.sweep.progress import SweepCallback, SweepDisplay, cal_optuna_search, trial_dirname
 from calray.sweep.spec import Cell, SweepPlan, example_params, load_sweep, stored_spec
 
@@ -128,7 +129,7 @@ def dry_run(plan: SweepPlan, cells: list[Cell], args) -> None:
     params = example_params(spec)
     cfg = resolve_run_config({"run": cell_run(plan, cells[0]), **params}, source=f"cell {cells[0].id}")
     print(f"\none trial of cell {cells[0].id} (example params {json.dumps(params)}; it writes "
-          f"{sdir / 'runs' / cells[0].id}/<trial_id>/), resolved run config:")
+          f"{sdir / RUNS_DIR / cells[0].id}/<trial_id>/), resolved run config:")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
 
 
@@ -136,8 +137,8 @@ def dry_run(plan: SweepPlan, cells: list[Cell], args) -> None:
 
 
 def _check_resume(plan: SweepPlan, sdir: Path, resume: bool) -> None:
-    stored = sdir / "sweep.yaml"
-    started = (sdir / "manifest").is_dir() and any((sdir / "manifest").iterdir())
+    stored = sdir / SWEEP_FILE
+    started = (sdir / MANIFEST_DIR).is_dir() and any((sdir / MANIFEST_DIR).iterdir())
     if not resume:
         if started:
             raise ConfigError(f"{plan.path}: name: sweep {plan.spec.name!r} already has results in {sdir}; "
@@ -186,7 +187,7 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
     sdir = sweep_dir_of(plan, storage_path)
     _check_resume(plan, sdir, resume)
     sdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(sdir / "sweep.yaml", yaml.safe_dump(stored_spec(plan), sort_keys=False))
+    atomic_write_text(sdir / SWEEP_FILE, yaml.safe_dump(stored_spec(plan), sort_keys=False))
     address = address or spec.ray.address
     _init_ray(address, plan)
     display = SweepDisplay(n_cells=len(cells), quiet=quiet)
@@ -208,9 +209,10 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
         write_outputs(plan, sdir)
         raise Interrupted(f"outputs so far are in {sdir}; continue with "
                           f"`python -m calray.sweep {plan.path} --resume`") from None
-    print(f"sweep {spec.name} finished in {time.time() - t0:.0f}s: {sdir}/cells.json, trials.parquet, best/", flush=True)
+    print(f"sweep {spec.name} finished in {time.time() - t0:.0f}s: {sdir}/{CELLS_FILE}, {TRIALS_PARQUET}, "
+          f"{BEST_DIR}/", flush=True)
     status = finish_hooks(plan, sdir, address, quiet=quiet)
-    print(f"optuna-dashboard {sdir / 'optuna.journal'}   # browse the studies", flush=True)
+    print(f"optuna-dashboard {sdir / OPTUNA_JOURNAL}   # browse the studies", flush=True)
     return status
 
 
@@ -241,7 +243,7 @@ def journal_storage(sdir: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    return JournalStorage(JournalFileBackend(str(sdir / "optuna.journal")))
+    return JournalStorage(JournalFileBackend(str(sdir / OPTUNA_JOURNAL)))
 
 
 def _sampler(plan: SweepPlan, seed_offset: int):
@@ -296,7 +298,7 @@ def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_o
 
     spec = plan.spec
     s = spec.search
-    param_space = {"run": cell_run(plan, cell), "runs_root": str(sdir / "runs" / cell.id),
+    param_space = {"run": cell_run(plan, cell), "runs_root": str(sdir / RUNS_DIR / cell.id),
                    "cell": cell.id, "sweep": spec.name}
     param_space.update({k: _domain(d) for k, d in s.space.items()})
     searcher = None
@@ -313,7 +315,8 @@ def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_o
                                   num_samples=num_samples, max_concurrent_trials=spec.max_concurrent_trials,
                                   reuse_actors=_reuse_actors(plan), trial_dirname_creator=trial_dirname)
     callback = SweepCallback(manifest_path(sdir, cell.id), cell.id, plan.num_samples(), s.metric, s.mode, display)
-    run_config = tune.RunConfig(name=cell.id, storage_path=str(sdir / "ray"), verbose=0, callbacks=[tune_callback(callback)],
+    run_config = tune.RunConfig(name=cell.id, storage_path=str(sdir / RAY_DIR), verbose=0,
+                                callbacks=[tune_callback(callback)],
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures, fail_fast=False))
     return tune.Tuner(_trainable(plan), param_space=param_space, tune_config=tune_config, run_config=run_config)
 
@@ -328,16 +331,16 @@ def _reuse_actors(plan: SweepPlan) -> bool:
 def _retire_experiment(sdir: Path, cell: Cell, manifest: Manifest) -> None:
     """Before a fresh Tuner replaces an unrestorable one: move Ray's dir aside, close the trials
     it left unfinished in the manifest and in the Optuna study (they would count as running)."""
-    exp = sdir / "ray" / cell.id
+    exp = sdir / RAY_DIR / cell.id
     if exp.exists():
         k = 1
         while (exp.parent / f"{cell.id}.old{k}").exists():
             k += 1
         shutil.move(str(exp), str(exp.parent / f"{cell.id}.old{k}"))
     for tid, t in manifest.trials().items():
-        if t["status"] not in FINISHED and t["status"] != "ABANDONED":
-            manifest.append({"ev": "end", "trial_id": tid, "status": "ABANDONED", "error": None})
-    if not (sdir / "optuna.journal").is_file():
+        if t["status"] not in FINISHED and t["status"] != TrialStatus.ABANDONED:
+            manifest.append({"ev": "end", "trial_id": tid, "status": TrialStatus.ABANDONED, "error": None})
+    if not (sdir / OPTUNA_JOURNAL).is_file():
         return
     import optuna
     from optuna.trial import TrialState
@@ -363,7 +366,7 @@ def run_cell(plan: SweepPlan, cell: Cell, sdir: Path, display: SweepDisplay | No
     display = display or SweepDisplay(n_cells=1, cell_index=1)
     n = plan.num_samples()
     manifest = Manifest(manifest_path(sdir, cell.id))
-    exp = sdir / "ray" / cell.id
+    exp = sdir / RAY_DIR / cell.id
     finished = len(manifest.finished())
     if finished >= n:
         print(f"[cell {cell.id}] {finished}/{n} trials already finished — skipped", flush=True)
@@ -404,9 +407,10 @@ def _fit(tuner, manifest: Manifest) -> bool:
     grid = tuner.fit()
     analysis = getattr(grid, "_experiment_analysis", None)
     trials = getattr(analysis, "trials", None) or []
-    if any(getattr(t, "status", "TERMINATED") not in ("TERMINATED", "ERROR") for t in trials):
+    ended = (TrialStatus.TERMINATED, TrialStatus.ERROR)  # Ray's Trial.status of a trial that will not run on
+    if any(getattr(t, "status", TrialStatus.TERMINATED) not in ended for t in trials):
         return True
-    return any(t["status"] == "RUNNING" for t in manifest.trials().values())
+    return any(t["status"] == TrialStatus.RUNNING for t in manifest.trials().values())
 
 
 if __name__ == "__main__":
