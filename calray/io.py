@@ -121,10 +121,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def append_jsonl(path: Path, row: dict) -> None:
+def append_jsonl(path: Path, row: dict, default=str) -> None:
+    """Append one row; `default` turns what JSON cannot hold into what it can (json.dumps's)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(row, default=str) + "\n")
+        f.write(json.dumps(row, default=default) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -163,10 +163,6 @@ class Attack:
     qmf_compat: bool = False
 
     @classmethod
-    def none(cls, split: str = "test") -> "Attack":
-        return cls(split=split)
-
-    @classmethod
     def from_config(cls, noise, dataset: str, split: str) -> "Attack":
         """Map a NoiseConfig to the attack `split` of `dataset` receives.
 

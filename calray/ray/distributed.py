@@ -30,7 +30,6 @@ cluster put it on a shared filesystem (NFS, Lustre, …).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -50,7 +49,7 @@ from calray.engine.evaluate import to_device
 from calray.engine.resume import check_resumable
 from calray.engine.trainer import RunContext, Trainer
 from calray.errors import ConfigError, TrainingError
-from calray.io import LAST_CHECKPOINT
+from calray.io import LAST_CHECKPOINT, append_jsonl, read_jsonl, write_jsonl
 from calray.models.multimodal import ModelOutput, batched_sample
 from calray.ray.session import init_ray
 
@@ -228,14 +227,10 @@ class _RankLog:
         self.first = True
 
     def write(self, row: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.first and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r.get("epoch", -1) < row["epoch"]]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_jsonl(self.path, [r for r in read_jsonl(self.path) if r.get("epoch", -1) < row["epoch"]])
         self.first = False
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, row)
 
 
 def _maybe_inject_failure(injection: dict | None, epoch: int, rank: int, run_dir: Path) -> None:

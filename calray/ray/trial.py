@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import threading
 from enum import Enum
 from pathlib import Path
@@ -49,7 +48,7 @@ from calray.data.base import DatasetSplits, build_datasets
 from calray.engine.runinfo import library_versions
 from calray.engine.trainer import RunContext, train
 from calray.errors import ConfigError
-from calray.io import ERROR_FILE, METRICS_FILE, SUMMARY_FILE, TRAIN_LOG, TRIAL_FILE, write_json
+from calray.io import ERROR_FILE, METRICS_FILE, SUMMARY_FILE, TRAIN_LOG, TRIAL_FILE, read_jsonl, write_json
 from calray.ray.distributed import build_torch_trainer
 
 RESERVED_KEYS = ("run", "overrides", "run_dir", "runs_root", "cell", "sweep")
@@ -128,20 +127,6 @@ def summary_metrics(summary: dict) -> dict[str, Any]:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"test_{k}"] = v
     return {k: v for k, v in out.items() if v is not None}
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line after a crash
-                continue
-    return rows
 
 
 def final_report(rows: list[dict], summary: dict, run_dir: Path, seed: int) -> dict:
@@ -274,7 +259,7 @@ def _run_in_process(cfg: RunConfig, run_dir: Path, report, splits: SplitsCache) 
     datasets = splits.get(cfg)
     with open(run_dir / TRAIN_LOG, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         summary = train(cfg, RunContext(run_dir=run_dir, reporter=reporter), splits=datasets)
-    return summary, read_metrics(run_dir)
+    return summary, read_jsonl(run_dir / METRICS_FILE)
 
 
 def _run_distributed(cfg: RunConfig, run_dir: Path, report) -> tuple[dict, list[dict]]:
@@ -290,7 +275,7 @@ def _run_distributed(cfg: RunConfig, run_dir: Path, report) -> tuple[dict, list[
         if not path.is_file():
             raise RuntimeError(f"distributed trial finished without {path}")
         summary = json.loads(path.read_text())
-    return summary, read_metrics(run_dir)
+    return summary, read_jsonl(run_dir / METRICS_FILE)
 
 
 def _epoch_report_callback(run_dir: Path):
@@ -304,7 +289,3 @@ def _epoch_report_callback(run_dir: Path):
             super().after_report(run_context, metrics, checkpoint)
 
     return _CalrayTuneReportCallback()
-
-
-def is_finite_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from calray.io import (BEST_DIR, CELLS_FILE, MANIFEST_DIR, RETRAIN_DIR, RUNS_DIR, TRIALS_CSV, TRIALS_PARQUET,
-                       atomic_write_bytes, atomic_write_text)
-from calray.ray.trial import FINAL_KEY, FINISHED, TIME_ATTR, TrialStatus, read_metrics, resolve_run_config
+from calray.io import (BEST_DIR, CELLS_FILE, MANIFEST_DIR, METRICS_FILE, RETRAIN_DIR, RUNS_DIR, TRIALS_CSV,
+                       TRIALS_PARQUET, append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl)
+from calray.ray.trial import FINAL_KEY, FINISHED, TIME_ATTR, TrialStatus, resolve_run_config
 from calray.sweep.spec import Cell, SweepPlan
 
 # keys Ray Tune adds to every result; they are not the run's metrics
@@ -55,23 +55,10 @@ class Manifest:
         self.path = Path(path)
 
     def append(self, event: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        event = {**event, "t": round(time.time(), 3)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(event, default=_json_default) + "\n")
-            f.flush()
+        append_jsonl(self.path, {**event, "t": round(time.time(), 3)}, default=_json_default)
 
     def events(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:  # a line torn by a crash
-                    continue
-        return out
+        return read_jsonl(self.path)  # a line torn by a crash is skipped
 
     def trials(self) -> dict[str, dict]:
         """trial_id → {params, epochs {epoch: row}, final, status, error}; later events win."""
@@ -162,7 +149,7 @@ def epoch_rows(t: dict) -> dict[int, dict]:
     # a pruned trial ends at its last report (a run that went on after the stop is not counted)
     last = max(rows) if t.get("status") == TrialStatus.PRUNED and rows else None
     if run_dir:
-        for r in read_metrics(Path(run_dir)):
+        for r in read_jsonl(Path(run_dir) / METRICS_FILE):
             if "epoch" in r and (last is None or int(r["epoch"]) <= last):
                 rows[int(r["epoch"])] = {k: v for k, v in r.items()
                                          if isinstance(v, (int, float, str)) or v is None}

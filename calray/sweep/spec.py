@@ -435,11 +435,6 @@ def load_sweep(path: str | Path, num_samples: int | None = None, cwd: Path | Non
     return SweepPlan(spec=spec, path=path, cells=cells)
 
 
-def trial_config(cell: Cell, params: dict[str, Any]) -> dict[str, Any]:
-    """The `run_trial` config of a trial of `cell` with sampled `params` (dotted keys)."""
-    return {"run": cell.run, **params}
-
-
 def example_params(spec: SweepSpec, seed: int | None = None) -> dict[str, Any]:
     rng = random.Random(spec.search.seed if seed is None else seed)
     return {k: d.sample(rng) for k, d in spec.search.space.items()}
