@@ -125,6 +125,26 @@ def test_unused_parameter_probe_leaves_no_trace(tiny_cfg):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_worker_config_has_absolute_paths_incl_the_datasets_path_params(tmp_path, monkeypatch):
+    """A --workers run's workers start elsewhere: every relative path of the config, mvsa_single's
+    data.params.tokenizer included, reaches them absolute (no Ray needed)."""
+    from calray.config import load_config
+    from calray.ray.distributed import prepare_worker_config, run_dir_for
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mvsa.yaml", ["distributed.workers=2"])
+    assert cfg.data.params["tokenizer"] == "weights/bert-base-uncased"
+    run_dir = run_dir_for(cfg)
+    worker = prepare_worker_config(cfg, run_dir)
+    assert worker.data.params["tokenizer"] == str(tmp_path / "weights" / "bert-base-uncased")
+    assert worker.data.params["val_file"] == "dev.jsonl"  # a file name relative to data.root: unchanged
+    assert worker.data.root == str(tmp_path / "data" / "MVSA_Single")
+    assert worker.model.encoders["image"].weights == str(tmp_path / "weights" / "resnet152-394f9c45.pth")
+    assert worker.model.encoders["text"].pretrained_path == str(tmp_path / "weights" / "bert-base-uncased")
+    assert (worker.runtime.output_dir, worker.runtime.run_name) == (str(run_dir.parent), run_dir.name)
+    assert worker.runtime.progress is False
+
+
 def test_config_errors_are_raised_before_ray_starts(tiny_cfg):
     from calray.ray.distributed import parse_injection, validate
     from calray.errors import ConfigError

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -100,6 +101,25 @@ def test_retrain_dir_left_by_a_different_config_is_refused_before_ray(run_dir, m
     with pytest.raises(RunMismatchError, match=r"optim\.lr"):
         run_grid(run_dir, grid)
     assert yaml.safe_load((plan.run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.5
+
+
+def test_retrain_config_has_absolute_paths_incl_the_datasets_path_params(tmp_path, monkeypatch):
+    """A train+test retrain runs as a Ray trial: mvsa_single's relative data.params.tokenizer reaches
+    its config absolute, like data.root and the encoders' weights (no Ray needed)."""
+    import calray.robustness.grid as rob
+    from calray.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mvsa.yaml")
+    target = rob.Target(cell="mvsa", config=cfg, retrain_config=cfg, checkpoint=None, run_dir=None)
+    grid = parse_grid({"kinds": ["gaussian"], "eps": [5], "modes": ["train+test"], "noise_seeds": 1})
+    (plan,) = rob.plan_retrains(target, grid, Path("out"))
+    data = plan.config["data"]
+    assert data["params"]["tokenizer"] == str(tmp_path / "weights" / "bert-base-uncased")
+    assert data["params"]["val_file"] == "dev.jsonl" and data["root"] == str(tmp_path / "data" / "MVSA_Single")
+    assert plan.config["model"]["encoders"]["image"]["weights"] == str(tmp_path / "weights" / "resnet152-394f9c45.pth")
+    assert plan.run_dir == tmp_path / "out" / "robustness" / "runs" / "mvsa" / "gaussian_eps5_seed0"
+    assert (plan.config["noise"]["kind"], plan.config["noise"]["mode"]) == ("gaussian", "train+test")
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from calray.config import config_from_dict
+from calray.config import absolute_paths, config_from_dict
 from calray.data.base import build_datasets
 from calray.dist import RankMismatchError, assert_ranks_agree  # noqa: F401 (re-exported)
 from calray.engine.evaluate import to_device
@@ -85,17 +85,13 @@ def run_dir_for(cfg) -> Path:
 
 
 def prepare_worker_config(cfg, run_dir: Path):
-    """The config the workers run: relative paths made absolute (workers' cwd is not the driver's),
-    outputs under the storage root, no progress bars (they garble Ray's log streaming)."""
-    tree = cfg.to_dict()
+    """The config the workers run: relative paths made absolute (workers' cwd is not the driver's;
+    `calray.config.absolute_paths`), outputs under the storage root, no progress bars (they garble
+    Ray's log streaming)."""
+    tree = absolute_paths(cfg.to_dict())
     tree["runtime"]["output_dir"] = str(run_dir.parent)
     tree["runtime"]["run_name"] = run_dir.name
     tree["runtime"]["progress"] = False
-    for key in ("root", "cache_dir"):
-        tree["data"][key] = _absolute(tree["data"].get(key))
-    for enc in tree["model"]["encoders"].values():
-        for key in ("weights", "pretrained_path"):
-            enc[key] = _absolute(enc.get(key))
     return config_from_dict(tree, "distributed worker config")
 
 

@@ -30,7 +30,6 @@ tables are off; the retrains print one progress line each as they end (none with
 from __future__ import annotations
 
 import argparse
-import copy
 import fnmatch
 import json
 import math
@@ -46,7 +45,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch.utils.data import DataLoader
 
-from calray.config import RunConfig, config_from_dict, load_config, read_yaml, validation_error_message
+from calray.config import (RunConfig, absolute_paths, config_from_dict, load_config, read_yaml,
+                           validation_error_message)
 from calray.data.base import build_datasets
 from calray.engine.checkpoint import load_checkpoint
 from calray.engine.resume import check_resumable
@@ -327,26 +327,6 @@ def evaluate_test_grid(target: Target, spec: GridSpec) -> list[dict]:
 # ---------------------------------------------------------------- train+test mode (Table III)
 
 
-def _absolute_paths(tree: dict) -> dict:
-    """Ray trials run in their own working directory: make the config's relative paths absolute."""
-    tree = copy.deepcopy(tree)
-    cwd = Path.cwd()
-
-    def fix(node: dict, key: str) -> None:
-        v = node.get(key)
-        if isinstance(v, str) and v and not Path(v).is_absolute():
-            node[key] = str((cwd / v).resolve())
-
-    data = tree.get("data", {})
-    fix(data, "root")
-    fix(data, "cache_dir")
-    for enc in (tree.get("model", {}).get("encoders") or {}).values():
-        fix(enc, "weights")
-        fix(enc, "pretrained_path")
-    fix(tree.get("runtime", {}), "output_dir")
-    return tree
-
-
 @dataclass
 class Retrain:
     target: Target
@@ -379,7 +359,7 @@ def plan_retrains(target: Target, spec: GridSpec, out_dir: Path) -> list[Retrain
                                    run_name=f"{kind}_eps{_eps_tag(eps)}_seed{tseed}")
             if spec.epochs is not None:
                 tree["optim"]["epochs"] = spec.epochs
-            tree = _absolute_paths(tree)
+            tree = absolute_paths(tree)  # Ray trials may run in another working directory
             config_from_dict(tree, f"retrain config for {target.cell}")  # validate before Ray sees it
             plans.append(Retrain(target, kind, eps, tseed, nseed, tree))
     return plans

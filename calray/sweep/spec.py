@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from calray.config import (NoiseConfig, RunConfig, apply_overrides, read_yaml, validation_error_message)
+from calray.config import NoiseConfig, RunConfig, absolute_paths, apply_overrides, read_yaml, validation_error_message
 from calray.errors import ConfigError
 from calray.robustness.grid import parse_grid
 
@@ -274,32 +274,6 @@ def expand_noise(cell: NoiseCell) -> list[dict]:
     return [{"kind": cell.kind, "eps": float(e), "mode": m, **extra} for e, m in itertools.product(eps_list, mode_list)]
 
 
-PATH_KEYS = ("data.root", "data.cache_dir")
-
-
-def absolutize_paths(tree: dict, relative_to: Path) -> dict:
-    """Make the run config's file paths absolute so Ray workers (other CWDs) find them."""
-    tree = copy.deepcopy(tree)
-
-    def fix(node: dict, key: str):
-        v = node.get(key)
-        if isinstance(v, str) and v and not Path(v).expanduser().is_absolute():
-            node[key] = str((relative_to / v).resolve())
-
-    data = tree.get("data") or {}
-    for key in ("root", "cache_dir"):
-        fix(data, key)
-    params = data.get("params") or {}
-    for key, v in list(params.items()):  # dataset-specific paths (e.g. a tokenizer directory)
-        if isinstance(v, str) and v and not Path(v).is_absolute() and (relative_to / v).exists():
-            params[key] = str((relative_to / v).resolve())
-    for enc in ((tree.get("model") or {}).get("encoders") or {}).values():
-        if isinstance(enc, dict):
-            for key in ("weights", "pretrained_path"):
-                fix(enc, key)
-    return tree
-
-
 class SweepPlan(BaseModel):
     """A validated sweep: the spec, the file it came from and its expanded cells."""
 
@@ -389,7 +363,7 @@ def build_cells(spec: SweepSpec, sweep_path: Path, cwd: Path | None = None) -> l
                 t["noise"] = {**(t.get("noise") or {}), **noise}
                 if var is not None:
                     t = _apply(t, var.set, src, f"cells.variants.{vi}.set")
-                t = absolutize_paths(t, cwd)
+                t = absolute_paths(t, cwd)  # Ray workers may run in another working directory
                 parts = [slug(ds.name), noise_slug(noise)] + ([slug(var.name)] if var is not None else [])
                 cid = "__".join(parts)
                 if cid in seen:
