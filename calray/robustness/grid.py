@@ -43,18 +43,21 @@ from typing import Annotated, Any, Literal
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from torch.utils.data import DataLoader
 
 from calray.config import (RunConfig, absolute_paths, config_from_dict, load_config, read_yaml,
                            validation_error_message)
 from calray.data.base import build_datasets
 from calray.engine.checkpoint import load_checkpoint
+from calray.engine.evaluate import evaluate
+from calray.engine.loaders import make_loader
 from calray.engine.resume import check_resumable
-from calray.engine.trainer import Trainer
+from calray.engine.runinfo import seed_everything
+from calray.engine.trainer import resolve_device
 from calray.errors import CalrayError, ConfigError
 from calray.io import (BEST_CHECKPOINT, BEST_DIR, CELLS_FILE, CHECKPOINTS_DIR, CONFIG_FILE, ROBUSTNESS_CSV,
                        ROBUSTNESS_DIR, ROBUSTNESS_GRID_FILE, ROBUSTNESS_PARQUET, ROBUSTNESS_SUMMARY_CSV,
                        ROBUSTNESS_SUMMARY_PARQUET, RUNS_DIR, SUMMARY_FILE, atomic_write_bytes, write_json)
+from calray.models import build_model
 from calray.ray.progress import RetrainProgress, tune_callback
 from calray.ray.session import init_ray
 from calray.ray.trial import run_trial
@@ -281,43 +284,59 @@ def _row(target: Target, kind: str, eps: float, mode: str, seed: int, metrics: d
 # ---------------------------------------------------------------- test mode (Table II)
 
 
+class CheckpointEvaluator:
+    """A checkpoint's model, loaded once, evaluated on test sets as the trainer's test pass does
+    (`calray.engine.evaluate.evaluate` over an evaluation loader: every sample once, in order).
+
+    `cfg` is the config the checkpoint was trained with; its splits give the model's shape. The
+    seeds are set as the trainer sets them before building the datasets and the model.
+    """
+
+    def __init__(self, cfg: RunConfig, checkpoint: Path):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.runtime.device)
+        self.cuda = self.device.type == "cuda"
+        self.amp = self.cuda and cfg.runtime.amp
+        self.channels_last = self.cuda and cfg.runtime.channels_last
+        seed_everything(cfg.runtime.seed)
+        self.splits = build_datasets(cfg)
+        torch.manual_seed(cfg.runtime.seed)
+        model = build_model(cfg, self.splits).to(self.device)
+        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+        self.state = load_checkpoint(checkpoint, map_location=self.device)
+        self.model.load_state_dict(self.state["model"])
+
+    def evaluate(self, dataset) -> dict:
+        """acc, macro_f1, loss, n and acc_<modality> over `dataset`."""
+        loader = make_loader(dataset, self.cfg.data, train=False, seed=self.cfg.runtime.seed, pin_memory=self.cuda)
+        return evaluate(self.model, loader, self.splits.modalities, self.splits.num_classes, self.device,
+                        self.amp, self.channels_last)
+
+
 def evaluate_test_grid(target: Target, spec: GridSpec) -> list[dict]:
     """Load the checkpoint once; evaluate it on the test split under every (kind, ε, noise seed)."""
     if target.checkpoint is None:
-        raise CalrayError(f"{target.run_dir}: no checkpoint to evaluate (expected checkpoints/best.pt)")
+        raise CalrayError(f"{target.run_dir}: no checkpoint to evaluate "
+                          f"(expected {CHECKPOINTS_DIR}/{BEST_CHECKPOINT})")
     base = target.config.model_copy(deep=True)
     base.runtime.progress = False
-    clean_cfg = _with_noise(base, "none", 0.0, "test", base.noise.seed)
-    trainer = Trainer(clean_cfg)
-    state = load_checkpoint(target.checkpoint, map_location=trainer.device)
-    trainer.raw_model.load_state_dict(state["model"])
+    evaluator = CheckpointEvaluator(_with_noise(base, "none", 0.0, "test", base.noise.seed), target.checkpoint)
     t0 = time.time()
-    clean = trainer.evaluate(trainer.test_loader)
+    clean = evaluator.evaluate(evaluator.splits.test)
     _say(f"{target.cell}: test clean acc {clean['acc']:.4f} macro-F1 {clean['macro_f1']:.4f} "
-         f"(checkpoint {target.checkpoint}, epoch {state.get('epoch')})")
+         f"(checkpoint {target.checkpoint}, epoch {evaluator.state.get('epoch')})")
     rows = []
-    seeds = spec.noise_seed_list
-    total = len(spec.kinds) * len(spec.eps) * len(seeds)
-    done = 0
-    src = str(target.checkpoint)
-    bs = clean_cfg.data.eval_batch_size or clean_cfg.data.batch_size
-    for kind in spec.kinds:
-        for eps in spec.eps:
-            for seed in seeds:
-                done += 1
-                if eps == 0:
-                    metrics = clean
-                else:
-                    cfg = _with_noise(base, kind, eps, "test", seed)
-                    test = build_datasets(cfg).test
-                    loader = DataLoader(test, batch_size=bs, shuffle=False, num_workers=cfg.data.num_workers,
-                                        pin_memory=trainer.cuda)
-                    metrics = trainer.evaluate(loader)
-                    _say(f"{target.cell}: test {kind} eps={eps:g} noise seed {seed}: acc {metrics['acc']:.4f} "
-                         f"macro-F1 {metrics['macro_f1']:.4f} [{done}/{total}]")
-                rows.append(_row(target, kind, eps, "test", seed, metrics, train_seed=target.config.runtime.seed,
-                                 noise_seed=None if eps == 0 else seed, source=src))
-    del trainer
+    settings = [(k, e, s) for k in spec.kinds for e in spec.eps for s in spec.noise_seed_list]
+    for done, (kind, eps, seed) in enumerate(settings, 1):
+        if eps == 0:
+            metrics = clean
+        else:
+            metrics = evaluator.evaluate(build_datasets(_with_noise(base, kind, eps, "test", seed)).test)
+            _say(f"{target.cell}: test {kind} eps={eps:g} noise seed {seed}: acc {metrics['acc']:.4f} "
+                 f"macro-F1 {metrics['macro_f1']:.4f} [{done}/{len(settings)}]")
+        rows.append(_row(target, kind, eps, "test", seed, metrics, train_seed=target.config.runtime.seed,
+                         noise_seed=None if eps == 0 else seed, source=str(target.checkpoint)))
+    del evaluator
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     _say(f"{target.cell}: test grid done in {time.time() - t0:.1f}s")
