@@ -13,7 +13,7 @@ import yaml
 
 from calray.config import config_from_dict
 from calray.errors import CalrayError, ConfigError
-from calray.robustness.grid import main, parse_grid, run_grid
+from calray.robustness.grid import main, parse_grid, plan_retrains, run_grid
 from calray.engine.trainer import train
 from tests.conftest import tiny_run_dict
 
@@ -87,17 +87,18 @@ def test_grid_errors_name_the_key(tmp_path, capsys):
 
 def test_retrain_dir_left_by_a_different_config_is_refused_before_ray(run_dir, monkeypatch):
     """A retrain dir whose config.yaml differs (here: the lr) is not resumed: one error naming it."""
-    import calray.robustness.grid as rob
     from calray.engine.resume import RunMismatchError
+    from calray.robustness import retrain
+    from calray.robustness.targets import run_target
 
     grid = {"kinds": ["gaussian"], "eps": [5], "modes": ["train+test"], "train_seeds": [9], "noise_seeds": 1,
             "epochs": 1}
-    (plan,) = rob.plan_retrains(rob._run_target(run_dir), parse_grid(grid), run_dir)
+    (plan,) = plan_retrains(run_target(run_dir), parse_grid(grid), run_dir)
     stale = yaml.safe_load(yaml.safe_dump(plan.config))
     stale["optim"]["lr"] = 0.5
     plan.run_dir.mkdir(parents=True)
     (plan.run_dir / "config.yaml").write_text(yaml.safe_dump(stale))
-    monkeypatch.setattr(rob, "_run_tune", lambda *a, **k: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(retrain, "_run_tune", lambda *a, **k: pytest.fail("Ray must not start"))
     with pytest.raises(RunMismatchError, match=r"optim\.lr"):
         run_grid(run_dir, grid)
     assert yaml.safe_load((plan.run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.5
@@ -106,14 +107,14 @@ def test_retrain_dir_left_by_a_different_config_is_refused_before_ray(run_dir, m
 def test_retrain_config_has_absolute_paths_incl_the_datasets_path_params(tmp_path, monkeypatch):
     """A train+test retrain runs as a Ray trial: mvsa_single's relative data.params.tokenizer reaches
     its config absolute, like data.root and the encoders' weights (no Ray needed)."""
-    import calray.robustness.grid as rob
     from calray.config import load_config
+    from calray.robustness.targets import Target
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mvsa.yaml")
-    target = rob.Target(cell="mvsa", config=cfg, retrain_config=cfg, checkpoint=None, run_dir=None)
+    target = Target(cell="mvsa", config=cfg, retrain_config=cfg, checkpoint=None, run_dir=None)
     grid = parse_grid({"kinds": ["gaussian"], "eps": [5], "modes": ["train+test"], "noise_seeds": 1})
-    (plan,) = rob.plan_retrains(target, grid, Path("out"))
+    (plan,) = plan_retrains(target, grid, Path("out"))
     data = plan.config["data"]
     assert data["params"]["tokenizer"] == str(tmp_path / "weights" / "bert-base-uncased")
     assert data["params"]["val_file"] == "dev.jsonl" and data["root"] == str(tmp_path / "data" / "MVSA_Single")

@@ -257,6 +257,35 @@ def _quiet_report_log() -> None:
         pass
 
 
+def _check_eval_splits(splits, world: int) -> None:
+    for name in ("val", "test"):
+        n = len(getattr(splits, name))
+        if n < world:
+            raise ConfigError(f"the {name} split has {n} samples, fewer than the {world} workers: every rank "
+                              "needs at least one evaluation sample (DDP's first eval forward is a collective)")
+
+
+def _make_reporter(run_dir: Path, rank: int, rank_log: _RankLog | None, injection: dict | None) -> Callable:
+    """`RunContext.reporter` on a Ray Train worker: `ray.train.report` on every rank, every epoch (it is
+    a barrier), with rank 0's checkpoint attached; then the fault injection, if any."""
+    import ray.train
+
+    def reporter(row: dict, checkpoint_path) -> None:
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        if rank_log is not None:
+            rank_log.write(row)
+        if checkpoint_path is not None:
+            with tempfile.TemporaryDirectory(prefix="calray_ckpt_") as tmp:
+                shutil.copy2(checkpoint_path, Path(tmp) / LAST_CHECKPOINT)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_epoch{row['epoch']:05d}")
+        else:
+            ray.train.report(metrics)
+        _maybe_inject_failure(injection, row["epoch"], rank, run_dir)
+
+    return reporter
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """What every Ray Train worker runs: the one `Trainer` with a Ray `RunContext`.
 
@@ -276,31 +305,11 @@ def train_loop_per_worker(config: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     _check_shared(run_dir, config["token"], rank)
-
     splits = build_datasets(cfg)
-    for name in ("val", "test"):
-        n = len(getattr(splits, name))
-        if n < world:
-            raise ConfigError(f"the {name} split has {n} samples, fewer than the {world} workers: every rank "
-                              "needs at least one evaluation sample (DDP's first eval forward is a collective)")
+    _check_eval_splits(splits, world)
 
     resume_from = _local_checkpoint(ray.train.get_checkpoint())
-    injection = config.get("inject_failure")
     rank_log = _RankLog(run_dir, rank) if cfg.distributed.check_consistency else None
-
-    def reporter(row: dict, checkpoint_path) -> None:
-        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str, bool)) or v is None}
-        if rank_log is not None:
-            rank_log.write(row)
-        if checkpoint_path is not None:
-            with tempfile.TemporaryDirectory(prefix="calray_ckpt_") as tmp:
-                shutil.copy2(checkpoint_path, Path(tmp) / LAST_CHECKPOINT)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_epoch{row['epoch']:05d}")
-        else:
-            ray.train.report(metrics)  # every rank reports every epoch: it is a barrier
-        _maybe_inject_failure(injection, row["epoch"], rank, run_dir)
-
     d = cfg.distributed
 
     def probe_inputs():
@@ -308,7 +317,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
     ctx = RunContext(rank=rank, world_size=world, device=device,
                      wrap_model=make_wrap_model(device, world, d.sync_bn, d.find_unused_parameters, probe_inputs),
-                     reporter=reporter, resume_from=resume_from, run_dir=run_dir)
+                     reporter=_make_reporter(run_dir, rank, rank_log, config.get("inject_failure")),
+                     resume_from=resume_from, run_dir=run_dir)
     try:
         summary = Trainer(cfg, ctx, splits).fit()
     finally:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from calray.config import NoiseConfig, RunConfig, absolute_paths, apply_overrides, read_yaml, validation_error_message
 from calray.errors import ConfigError
-from calray.robustness.grid import parse_grid
+from calray.robustness.spec import parse_grid
 
 
 class _Strict(BaseModel):

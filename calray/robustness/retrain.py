@@ -1,0 +1,175 @@
+"""The robustness grid's ``train+test`` mode (paper Table III, learning under noise): a target's
+config (a sweep's ``best/<cell>.yaml``) retrained under each noise setting (``noise.mode:
+train+test``) with several training seeds, as Ray Tune trials (``tune.grid_search`` over the list
+of configs, Tune's default searcher, each trial running `calray.ray.trial.run_trial`), and
+evaluated on the test split under the same noise. ε = 0 is one clean retrain per seed, shared by
+every kind. A retrain whose run directory already holds a ``summary.json`` for the identical
+config is reused, so an interrupted grid continues. Replicate i uses training seed
+``train_seeds[i]`` and noise seed ``noise_seeds[i % len(noise_seeds)]``."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from calray.config import absolute_paths, config_from_dict, read_yaml
+from calray.engine.resume import check_resumable
+from calray.errors import CalrayError
+from calray.io import CONFIG_FILE, ROBUSTNESS_DIR, RUNS_DIR, SUMMARY_FILE
+from calray.ray.progress import RetrainProgress, tune_callback
+from calray.ray.session import init_ray
+from calray.ray.trial import run_trial
+from calray.robustness.spec import GridSpec
+from calray.robustness.tables import make_row
+from calray.robustness.targets import Target, say, with_noise
+
+TUNE_DIR = "tune"  # in ROBUSTNESS_DIR: Ray Tune's state of the train+test retrains
+
+
+def eps_tag(eps: float) -> str:
+    return f"{eps:g}".replace(".", "p")
+
+
+@dataclass
+class Retrain:
+    target: Target
+    kind: str  # 'none' for the clean (ε = 0) retrain
+    eps: float
+    train_seed: int
+    noise_seed: int
+    config: dict  # complete run config (absolute paths)
+
+    @property
+    def run_dir(self) -> Path:
+        rt = self.config["runtime"]
+        return Path(rt["output_dir"]) / rt["run_name"]
+
+
+def plan_retrains(target: Target, spec: GridSpec, out_dir: Path) -> list[Retrain]:
+    plans = []
+    noise_seeds = spec.noise_seed_list
+    settings: list[tuple[str, float]] = []
+    if any(e == 0 for e in spec.eps):
+        settings.append(("none", 0.0))
+    settings += [(k, e) for k in spec.kinds for e in spec.eps if e != 0]
+    for kind, eps in settings:
+        for i, tseed in enumerate(spec.train_seed_list):
+            nseed = noise_seeds[i % len(noise_seeds)]
+            cfg = with_noise(target.retrain_config, kind, eps, "train+test", nseed)
+            tree = cfg.to_dict()
+            tree["runtime"].update(seed=tseed, progress=False, resume=True,
+                                   output_dir=str((out_dir / ROBUSTNESS_DIR / RUNS_DIR / target.cell).resolve()),
+                                   run_name=f"{kind}_eps{eps_tag(eps)}_seed{tseed}")
+            if spec.epochs is not None:
+                tree["optim"]["epochs"] = spec.epochs
+            tree = absolute_paths(tree)  # Ray trials may run in another working directory
+            config_from_dict(tree, f"retrain config for {target.cell}")  # validate before Ray sees it
+            plans.append(Retrain(target, kind, eps, tseed, nseed, tree))
+    return plans
+
+
+def _finished_summary(plan: Retrain) -> dict | None:
+    """The summary of an identical, finished retrain (reused instead of training again)."""
+    run_dir = plan.run_dir
+    summary_path, cfg_path = run_dir / SUMMARY_FILE, run_dir / CONFIG_FILE
+    if not (summary_path.is_file() and cfg_path.is_file()):
+        return None
+    try:
+        if read_yaml(cfg_path) != config_from_dict(plan.config).to_dict():
+            return None
+        return json.loads(summary_path.read_text())
+    except (CalrayError, OSError, json.JSONDecodeError):
+        return None
+
+
+def _trial_config(plan: "Retrain") -> dict:
+    """The calray.ray.trial.run_trial config of one retrain: the complete run config and its run dir."""
+    return {"run": plan.config, "run_dir": str(plan.run_dir), "cell": plan.target.cell, "sweep": "robustness"}
+
+
+def _retrain_label(plan: Retrain) -> str:
+    return f"{plan.target.cell} {plan.kind} eps={plan.eps:g} train seed {plan.train_seed}"
+
+
+def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str | None,
+              quiet: bool = False) -> dict[int, str]:
+    """Run the retrains as Ray Tune trials; returns {plan index: error message} for failed trials.
+
+    Tune's own status tables are off (``verbose=0``); the driver prints one line per retrain as it
+    ends (`calray.ray.progress.RetrainProgress`, the sweep's progress line), none when `quiet`.
+    """
+    import ray
+    from ray import tune
+
+    started = init_ray(address, key="--address", log_to_driver=True)
+    try:
+        configs = [_trial_config(p) for p in plans]
+        progress = RetrainProgress([_retrain_label(p) for p in plans], [str(p.run_dir) for p in plans],
+                                   quiet=quiet)
+
+        def trainable(config: dict) -> None:  # fixed configs: Tune's grid over their indices
+            return run_trial(configs[config["index"]])
+
+        resources = {"cpu": spec.cpus_per_trial}
+        if spec.gpus_per_trial:
+            resources["gpu"] = spec.gpus_per_trial
+        storage = (out_dir / ROBUSTNESS_DIR / TUNE_DIR).resolve()
+        storage.mkdir(parents=True, exist_ok=True)
+        name = f"train_test_{time.strftime('%Y%m%d-%H%M%S')}"
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, resources),
+            param_space={"index": tune.grid_search(list(range(len(plans))))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[tune_callback(progress)],
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+        grid = tuner.fit()
+        errors: dict[int, str] = {}
+        for result in grid:
+            idx = (result.config or {}).get("index")
+            if idx is not None and result.error is not None:
+                errors[int(idx)] = f"{type(result.error).__name__}: {result.error}".splitlines()[0][:500]
+        return errors
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def evaluate_train_test_grid(targets: list[Target], spec: GridSpec, out_dir: Path,
+                             address: str | None = None, quiet: bool = False) -> list[dict]:
+    plans = [p for t in targets for p in plan_retrains(t, spec, out_dir)]
+    todo = [p for p in plans if _finished_summary(p) is None]
+    for plan in todo:  # a retrain dir left by a different config is refused before Ray starts
+        if plan.config["runtime"]["resume"]:
+            check_resumable(plan.run_dir, config_from_dict(plan.config).to_dict())
+    say(f"train+test: {len(plans)} retrains ({len(plans) - len(todo)} already finished, reused); "
+         f"{len(todo)} to run as Ray Tune trials")
+    errors: dict[int, str] = {}
+    if todo:
+        t0 = time.time()
+        errors = _run_tune(todo, out_dir, spec, address, quiet=quiet)
+        say(f"train+test: Ray Tune finished {len(todo)} trials in {time.time() - t0:.1f}s "
+             f"({len(errors)} failed)")
+    failed = {id(todo[i]): msg for i, msg in errors.items()}
+    rows = []
+    for plan in plans:
+        summary = _finished_summary(plan)
+        err = failed.get(id(plan))
+        if summary is None and err is None:
+            err = f"no summary.json in {plan.run_dir} after the trial"
+        metrics = summary.get("test") if summary else None
+        kinds = spec.kinds if plan.kind == "none" else [plan.kind]
+        for kind in kinds:  # the clean retrain is the ε = 0 row of every kind
+            rows.append(make_row(plan.target, kind, plan.eps, "train+test", plan.train_seed, metrics,
+                             train_seed=plan.train_seed, noise_seed=None if plan.eps == 0 else plan.noise_seed,
+                             source=str(plan.run_dir), error=None if metrics else err))
+        if metrics:
+            if not quiet:  # the summary table below has every number; failures are always shown
+                say(f"{plan.target.cell}: train+test {plan.kind} eps={plan.eps:g} train seed {plan.train_seed}: "
+                     f"acc {metrics['acc']:.4f} macro-F1 {metrics['macro_f1']:.4f}")
+        else:
+            say(f"{plan.target.cell}: train+test {plan.kind} eps={plan.eps:g} train seed {plan.train_seed}: "
+                 f"FAILED ({err})")
+    return rows

@@ -1,0 +1,83 @@
+"""The robustness grid's spec: what `python -m calray.robustness` and a sweep file's ``robustness:``
+block may ask for (noise kinds × ε × modes, seeds, cells, retrain resources). Light: pydantic only,
+so validating a sweep file imports neither torch nor Ray."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from calray.config import validation_error_message
+from calray.errors import ConfigError
+
+KINDS = ("gaussian", "salt_pepper")
+MODES = ("test", "train+test")
+
+
+class GridSpec(BaseModel):
+    """What to run; also the shape of a sweep file's ``robustness:`` block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kinds: list[Literal["gaussian", "salt_pepper"]] = Field(default_factory=lambda: list(KINDS))
+    eps: list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] = Field(default_factory=lambda: [0.0, 5.0, 10.0])
+    modes: list[Literal["test", "train+test"]] = Field(default_factory=lambda: ["test"])
+    noise_seeds: int | list[int] = 3  # N → seeds 0..N-1, or an explicit list
+    train_seeds: int | list[int] = 1  # train+test replicates (training seeds)
+    cells: list[str] | None = None  # glob patterns of sweep cells to include (default: every cell)
+    epochs: int | None = Field(None, ge=1)  # train+test: override optim.epochs of the retrains
+    cpus_per_trial: float = Field(1.0, gt=0.0)  # train+test: Ray resources of one retrain
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+    @field_validator("kinds", "modes", "eps")
+    @classmethod
+    def _non_empty_unique(cls, v: list) -> list:
+        if not v:
+            raise ValueError("must list at least one value")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate values in {v}")
+        return v
+
+    @field_validator("noise_seeds", "train_seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError("a seed count must be >= 1")
+            return v
+        if not v:
+            raise ValueError("must list at least one seed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate seeds in {v}")
+        for i, seed in enumerate(v):
+            if seed < 0:
+                raise ValueError(f"seed {seed} (item {i}) must be >= 0")
+        return v
+
+    @staticmethod
+    def _seed_list(v: int | list[int]) -> list[int]:
+        return list(range(v)) if isinstance(v, int) else list(v)
+
+    @property
+    def noise_seed_list(self) -> list[int]:
+        return self._seed_list(self.noise_seeds)
+
+    @property
+    def train_seed_list(self) -> list[int]:
+        return self._seed_list(self.train_seeds)
+
+
+def parse_grid(grid: dict | GridSpec | None, source: str = "robustness grid", prefix: str = "") -> GridSpec:
+    """Validate a grid dict; a problem raises one ConfigError naming the source and key (``eps.1``)."""
+    if isinstance(grid, GridSpec):
+        return grid
+    if grid is None:
+        grid = {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{source}: {prefix or '<root>'}: must be a mapping, got {type(grid).__name__}")
+    try:
+        return GridSpec.model_validate(grid)
+    except ValidationError as e:
+        raise ConfigError(validation_error_message(e, source, prefix=prefix)) from None
