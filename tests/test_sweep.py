@@ -343,7 +343,7 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_resume_after_interrupt_adds_no_duplicates(ray_cluster, tmp_path):
+def test_resume_after_interrupt_adds_no_duplicates(ray_cluster, tmp_path, capfd):
     import pandas as pd
 
     from calray.sweep.runner import main
@@ -373,7 +373,11 @@ def test_resume_after_interrupt_adds_no_duplicates(ray_cluster, tmp_path):
     assert 1 <= len(before) < 4
     assert json.loads((sdir / "cells.json").read_text())[0]["status"] == "partial"
 
+    capfd.readouterr()
     assert main([str(path), "--resume", "--quiet"]) == 0
+    out = capfd.readouterr().out
+    # the restored Tuner's callback prints with this run's display: --quiet, no per-trial lines
+    assert "resuming Ray experiment" in out and "] trials " not in out, out[-3000:]
     df = pd.read_parquet(sdir / "trials.parquet")
     assert df.trial_id.nunique() == 4
     assert set(before) <= set(df.trial_id)

@@ -40,7 +40,7 @@ from pathlib import Path
 import pandas as pd
 
 from calray.config import read_yaml
-from calray.errors import CalrayError
+from calray.errors import run_cli
 from calray.io import ROBUSTNESS_CSV, ROBUSTNESS_PARQUET, ROBUSTNESS_SUMMARY_CSV
 from calray.robustness.evaluation import CheckpointEvaluator, evaluate_test_grid
 from calray.robustness.retrain import Retrain, evaluate_train_test_grid, plan_retrains
@@ -112,19 +112,18 @@ def _seed_arg(v: list[int] | None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        grid: dict = read_yaml(args.grid) if args.grid else {}
-        flags = {"kinds": args.kinds, "eps": args.eps, "modes": args.modes,
-                 "noise_seeds": _seed_arg(args.noise_seeds), "train_seeds": _seed_arg(args.train_seeds),
-                 "cells": args.cells, "epochs": args.epochs, "cpus_per_trial": args.cpus_per_trial,
-                 "gpus_per_trial": args.gpus_per_trial, "max_concurrent_trials": args.max_concurrent_trials}
-        grid.update({k: v for k, v in flags.items() if v is not None})
-        spec = parse_grid(grid, source=args.grid or "command line")
-        run_grid(Path(args.path), spec, address=args.address, quiet=args.quiet)
-    except CalrayError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: _run(args))  # a CalrayError: one line, exit status 2
+
+
+def _run(args: argparse.Namespace) -> None:
+    grid: dict = read_yaml(args.grid) if args.grid else {}
+    flags = {"kinds": args.kinds, "eps": args.eps, "modes": args.modes,
+             "noise_seeds": _seed_arg(args.noise_seeds), "train_seeds": _seed_arg(args.train_seeds),
+             "cells": args.cells, "epochs": args.epochs, "cpus_per_trial": args.cpus_per_trial,
+             "gpus_per_trial": args.gpus_per_trial, "max_concurrent_trials": args.max_concurrent_trials}
+    grid.update({k: v for k, v in flags.items() if v is not None})
+    spec = parse_grid(grid, source=args.grid or "command line")
+    run_grid(Path(args.path), spec, address=args.address, quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from calray.errors import CalrayError, ConfigError
+from calray.errors import ConfigError, run_cli
 from calray.io import (BEST_DIR, CELLS_FILE, MANIFEST_DIR, OPTUNA_JOURNAL, RAY_DIR, RUNS_DIR, SWEEP_FILE,
                        TRIALS_PARQUET, atomic_write_text)
 from calray.ray.progress import progress_of, tune_callback
@@ -84,25 +84,25 @@ def sweep_dir_of(plan: SweepPlan, storage_path: str | None = None) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.num_samples is not None and args.num_samples < 1:
-        print("error: --num-samples must be >= 1", file=sys.stderr)
-        return 2
     try:
-        plan = load_sweep(args.sweep, num_samples=args.num_samples)
-        cells = select_cells(plan, args.cells)
-        if args.dry_run:
-            dry_run(plan, cells, args)
-            return 0
-        return run_sweep(plan, cells, address=args.address, resume=args.resume,
-                         storage_path=args.storage_path, quiet=args.quiet)
-    except CalrayError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return run_cli(lambda: _run(args))  # a CalrayError: one line, exit status 2
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `--dry-run | head`
         return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ConfigError("--num-samples must be >= 1")
+    plan = load_sweep(args.sweep, num_samples=args.num_samples)
+    cells = select_cells(plan, args.cells)
+    if args.dry_run:
+        dry_run(plan, cells, args)
+        return 0
+    return run_sweep(plan, cells, address=args.address, resume=args.resume, storage_path=args.storage_path,
+                     quiet=args.quiet)
 
 
 # ---------------------------------------------------------------- dry run
