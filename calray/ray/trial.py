@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import threading
 from enum import Enum
 from pathlib import Path
@@ -48,7 +49,7 @@ from calray.data.base import DatasetSplits, build_datasets
 from calray.engine.runinfo import library_versions
 from calray.engine.trainer import RunContext, train
 from calray.errors import ConfigError
-from calray.io import ERROR_FILE, METRICS_FILE, SUMMARY_FILE, TRAIN_LOG, TRIAL_FILE, read_jsonl, write_json
+from calray.io import CONFIG_FILE, ERROR_FILE, METRICS_FILE, SUMMARY_FILE, TRAIN_LOG, TRIAL_FILE, read_jsonl, write_json
 from calray.ray.distributed import build_torch_trainer
 
 RESERVED_KEYS = ("run", "overrides", "run_dir", "runs_root", "cell", "sweep")
@@ -214,10 +215,17 @@ def _trial_id() -> str:
 
 
 def run_trial(config: dict) -> None:
-    """Ray Tune function trainable: one training run, reported every epoch (see module doc)."""
+    """Ray Tune function trainable: one training run, reported every epoch (see module doc).
+
+    The run's resolved config is copied into Tune's trial dir as `run_config.yaml`, so trackers
+    that log a trial's Tune files as artifacts (MLflow, calray.sweep.tracking) carry it."""
     from ray import tune
 
-    execute_trial(config, report=tune.report, trial_id=_trial_id(), splits=WORKER_SPLITS)
+    final = execute_trial(config, report=tune.report, trial_id=_trial_id(), splits=WORKER_SPLITS)
+    trial_dir = tune.get_context().get_trial_dir()
+    resolved = Path(final["run_dir"]) / CONFIG_FILE
+    if trial_dir and resolved.is_file():
+        shutil.copyfile(resolved, Path(trial_dir) / "run_config.yaml")
 
 
 def execute_trial(config: dict, report: Callable[[dict], None], trial_id: str = "trial",

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -54,7 +55,7 @@ __all__ = ["KINDS", "MODES", "CheckpointEvaluator", "GridSpec", "Retrain", "Targ
 
 
 def run_grid(sweep_dir: Path, grid: dict | GridSpec | None = None, address: str | None = None,
-             quiet: bool = False) -> pd.DataFrame:
+             quiet: bool = False, callbacks: Sequence = ()) -> pd.DataFrame:
     """Run the robustness grid on a sweep dir, run dir or checkpoint; save and return the raw rows.
 
     `grid` = {kinds, eps, modes, noise_seeds, train_seeds, ...} (see GridSpec); `address` is the
@@ -73,7 +74,7 @@ def run_grid(sweep_dir: Path, grid: dict | GridSpec | None = None, address: str 
             say(f"test mode: target {i}/{len(targets)} {target.cell}")
             rows += evaluate_test_grid(target, spec)
     if "train+test" in spec.modes:
-        rows += evaluate_train_test_grid(targets, spec, out_dir, address, quiet=quiet)
+        rows += evaluate_train_test_grid(targets, spec, out_dir, address, quiet=quiet, callbacks=callbacks)
     df = save_tables(tidy(rows), out_dir, spec)
     summary = summarize(df)
     say(f"wrote {out_dir / ROBUSTNESS_CSV}, {ROBUSTNESS_PARQUET}, {ROBUSTNESS_SUMMARY_CSV} ({len(df)} rows)")

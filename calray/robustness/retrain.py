@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from calray.config import absolute_paths, config_from_dict, read_yaml
 from calray.engine.resume import check_resumable
@@ -94,7 +95,7 @@ def _retrain_label(plan: Retrain) -> str:
 
 
 def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str | None,
-              quiet: bool = False) -> dict[int, str]:
+              quiet: bool = False, callbacks: Sequence = ()) -> dict[int, str]:
     """Run the retrains as Ray Tune trials; returns {plan index: error message} for failed trials.
 
     Tune's own status tables are off (``verbose=0``); the driver prints one line per retrain as it
@@ -122,7 +123,7 @@ def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str 
             tune.with_resources(trainable, resources),
             param_space={"index": tune.grid_search(list(range(len(plans))))},
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[tune_callback(progress)],
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[tune_callback(progress), *callbacks],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
         grid = tuner.fit()
@@ -138,7 +139,9 @@ def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str 
 
 
 def evaluate_train_test_grid(targets: list[Target], spec: GridSpec, out_dir: Path,
-                             address: str | None = None, quiet: bool = False) -> list[dict]:
+                             address: str | None = None, quiet: bool = False, callbacks: Sequence = ()) -> list[dict]:
+    """The train+test retrains (Tune trials; `callbacks`: more Ray Tune callbacks, e.g. the sweep's
+    trackers), their rows, reusing identical finished retrains."""
     plans = [p for t in targets for p in plan_retrains(t, spec, out_dir)]
     todo = [p for p in plans if _finished_summary(p) is None]
     for plan in todo:  # a retrain dir left by a different config is refused before Ray starts
@@ -149,7 +152,7 @@ def evaluate_train_test_grid(targets: list[Target], spec: GridSpec, out_dir: Pat
     errors: dict[int, str] = {}
     if todo:
         t0 = time.time()
-        errors = _run_tune(todo, out_dir, spec, address, quiet=quiet)
+        errors = _run_tune(todo, out_dir, spec, address, quiet=quiet, callbacks=callbacks)
         say(f"train+test: Ray Tune finished {len(todo)} trials in {time.time() - t0:.1f}s "
              f"({len(errors)} failed)")
     failed = {id(todo[i]): msg for i, msg in errors.items()}

@@ -35,6 +35,7 @@ from calray.robustness import grid as robustness_grid
 from calray.sweep.outputs import Manifest, manifest_path, write_outputs
 from calray.sweep.progress import SweepCallback, SweepDisplay, cal_optuna_search, trial_dirname
 from calray.sweep.spec import Cell, SweepPlan, example_params, load_sweep, stored_spec
+from calray.sweep.tracking import check_installed, tracking_callbacks
 
 log = logging.getLogger("calray.sweep")
 
@@ -186,6 +187,7 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
     spec = plan.spec
     sdir = sweep_dir_of(plan, storage_path)
     _check_resume(plan, sdir, resume)
+    check_installed(spec.tracking)  # a missing tracking package fails before anything is written
     sdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sdir / SWEEP_FILE, yaml.safe_dump(stored_spec(plan), sort_keys=False))
     address = address or spec.ray.address
@@ -222,7 +224,8 @@ def finish_hooks(plan: SweepPlan, sdir: Path, address: str | None, quiet: bool =
     status = 0
     if plan.spec.robustness:
         try:
-            robustness_grid.run_grid(sdir, plan.spec.robustness, address, quiet=quiet)
+            trackers = tracking_callbacks(plan.spec.tracking, plan.spec.name, "robustness", sdir)
+            robustness_grid.run_grid(sdir, plan.spec.robustness, address, quiet=quiet, callbacks=trackers)
         except Exception as e:  # noqa: BLE001 - the sweep's outputs are already written
             log.exception("robustness grid failed")
             print(f"robustness grid failed: {type(e).__name__}: {e} (sweep outputs kept)", file=sys.stderr)
@@ -316,7 +319,8 @@ def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_o
                                   reuse_actors=_reuse_actors(plan), trial_dirname_creator=trial_dirname)
     callback = SweepCallback(manifest_path(sdir, cell.id), cell.id, plan.num_samples(), s.metric, s.mode, display)
     run_config = tune.RunConfig(name=cell.id, storage_path=str(sdir / RAY_DIR), verbose=0,
-                                callbacks=[tune_callback(callback)],
+                                callbacks=[tune_callback(callback),
+                                           *tracking_callbacks(spec.tracking, spec.name, cell.id, sdir)],
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures, fail_fast=False))
     return tune.Tuner(_trainable(plan), param_space=param_space, tune_config=tune_config, run_config=run_config)
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from calray.config import NoiseConfig, RunConfig, absolute_paths, apply_overrides, read_yaml, validation_error_message
 from calray.errors import ConfigError
 from calray.robustness.spec import parse_grid
+from calray.sweep.tracking import TrackingSpec
 
 
 class _Strict(BaseModel):
@@ -211,6 +212,7 @@ class SweepSpec(_Strict):
     max_failures: int = Field(0, ge=0)  # retries of a failed trial (a NaN run fails again: keep 0)
     ray: RaySpec = Field(default_factory=RaySpec)
     robustness: dict[str, Any] | None = None  # passed to calray.robustness.grid.run_grid
+    tracking: TrackingSpec | None = None  # MLflow / W&B (calray.sweep.tracking)
 
     @field_validator("name")
     @classmethod
