@@ -173,6 +173,10 @@ def _init_ray(address: str | None, plan: SweepPlan) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in ("ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # a failed trial is one progress line (its error) and <run dir>/error.txt; Tune would also log
+    # the worker's whole traceback and a "Trials did not complete" line to the console
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
