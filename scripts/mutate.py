@@ -54,7 +54,7 @@ MUTANTS = [
       "the KL term of eq 20's AIB dropped"),
     M("h_y_zero", "calray/method/asymmetric_ib.py", "self.h_y = label_entropy(context.train_class_counts)", "self.h_y = 0.0",
       "H(Y) = 0"),
-    M("unimodal_ce_dropped", "calray/engine/trainer.py", "terms = {\"fused\": loss_fused, \"unimodal\": m.unimodal_weight * sum(ce.values())}",
+    M("unimodal_ce_dropped", "calray/engine/trainer.py", "terms = {\"fused\": loss_fused, \"unimodal\": m.unimodal_weight * ce_sum}",
       "terms = {\"fused\": loss_fused}", "the Σ CE(p^m) term of eq 21 dropped"),
     M("mi_pair_unimodal", "calray/engine/contributions.py", "reps, fused = out.unimodal_logits, out.fused_logits",
       "reps, fused = out.unimodal_logits, next(iter(out.unimodal_logits.values()))",
