@@ -284,6 +284,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config tree as dotted keys: {"a": {"b": 1}} → {"a.b": 1}; lists, scalars and {} are leaves."""
+    if not isinstance(tree, dict) or (prefix and not tree):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def get_dotted(tree: Any, dotted: str) -> Any:
+    """The value at a dotted key of a config tree; None when any part is absent."""
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def set_dotted(tree: dict, path: list[str], value: Any) -> None:
     node = tree
     for part in path[:-1]:

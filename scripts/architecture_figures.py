@@ -88,6 +88,13 @@ def calray_imports(tree: ast.AST, known: dict[str, Path]) -> list[tuple[str, int
     return out
 
 
+def package_imports(tree: ast.AST, known: dict[str, Path]) -> set[str]:
+    """`from pkg import sub` also runs pkg/__init__.py: the packages of from-imports (cycle edges)."""
+    return {node.module for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in known
+            and (node.module == "calray" or node.module.startswith("calray."))}
+
+
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index, low, stack, on_stack, out = {}, {}, [], set(), []
@@ -133,6 +140,7 @@ def figures() -> dict:
         lines = len(text.splitlines())
         if lines > MAX_MODULE_LINES:
             long_modules.append((name, lines))
+        graph.setdefault(name, set()).update(t for t in package_imports(tree, known) if t != name)
         for target, lineno, in_function in calray_imports(tree, known):
             if target == name or target not in known:
                 continue

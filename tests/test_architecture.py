@@ -50,3 +50,16 @@ def test_the_checker_sees_a_violation(figures, tmp_path, monkeypatch):
     assert f["upward_imports"] == ["calray.engine.loop:2 → calray.sweep.runner"]
     assert f["function_imports"] == ["calray.engine.loop:2 → calray.sweep.runner"]
     assert f["cycles"] == [["calray.engine.loop", "calray.sweep.runner"]]
+
+
+def test_the_checker_sees_a_cycle_through_a_package_init(figures, tmp_path, monkeypatch):
+    """`from calray.method import strategies` inside a module that calray/method/__init__.py imports."""
+    pkg = tmp_path / "calray"
+    (pkg / "method").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "method" / "__init__.py").write_text("from calray.method import plugins\n")
+    (pkg / "method" / "plugins.py").write_text("from calray.method import strategies\n")
+    (pkg / "method" / "strategies.py").write_text("")
+    monkeypatch.setattr(figures, "ROOT", tmp_path)
+    monkeypatch.setattr(figures, "PACKAGE", pkg)
+    assert figures.figures()["cycles"] == [["calray.method", "calray.method.plugins"]]

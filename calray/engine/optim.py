@@ -155,7 +155,10 @@ class SchedulerSet:
 
     def step(self, val_acc: float | None = None) -> None:
         for s in self.schedulers:
-            s.step(val_acc) if self.plateau else s.step()
+            if self.plateau:
+                s.step(val_acc)
+            else:
+                s.step()
 
     def state_dict(self) -> dict:
         if len(self.schedulers) == 1:

@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from calray.config import absolute_paths, read_yaml
+from calray.config import absolute_paths, flatten, read_yaml
 from calray.errors import CalrayError
+from calray.io import CONFIG_FILE
 
 # keys whose change keeps a run the same experiment (extend or observe only)
 RESUME_COMPATIBLE_KEYS = frozenset({
@@ -42,16 +43,6 @@ class RunMismatchError(CalrayError):
     """The run dir holds a run of a different config; nothing was written."""
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} → {"a.b": 1}; lists and scalars are leaves."""
-    if not isinstance(tree, dict) or (prefix and not tree):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def config_differences(stored: dict, current: dict) -> list[tuple[str, Any, Any]]:
     """(key, stored value, current value) for every key outside RESUME_COMPATIBLE_KEYS that differs,
     sorted by key."""
@@ -74,7 +65,7 @@ def _plain(value: Any) -> Any:
 def check_resumable(run_dir: Path, current: dict) -> None:
     """Raise RunMismatchError when `run_dir/config.yaml` is a different experiment than `current`
     (a RunConfig.to_dict()). No stored config: nothing to protect."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return
     try:

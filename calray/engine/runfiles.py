@@ -10,7 +10,8 @@ from pathlib import Path
 from calray.config import save_config
 from calray.engine.runinfo import environment
 from calray.engine.tensorboard import TensorBoardLog
-from calray.io import METRICS_FILE, SUMMARY_FILE, append_jsonl, read_jsonl, write_json, write_jsonl
+from calray.io import (CONFIG_FILE, DATA_INFO_FILE, ENV_FILE, METRICS_FILE, SUMMARY_FILE, append_jsonl, read_jsonl,
+                       write_json, write_jsonl)
 
 
 def seeds(cfg) -> dict:
@@ -19,12 +20,12 @@ def seeds(cfg) -> dict:
 
 def write_run_files(run_dir: Path, cfg, device, splits, warnings: list[str]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    write_json(run_dir / "env.json", {**environment(device), "seeds": seeds(cfg), "warnings": warnings})
+    save_config(cfg, run_dir / CONFIG_FILE)
+    write_json(run_dir / ENV_FILE, {**environment(device), "seeds": seeds(cfg), "warnings": warnings})
     info = {"dataset": cfg.data.dataset, "modalities": splits.modalities, "num_classes": splits.num_classes,
             "class_names": splits.class_names,
             "sizes": {s: len(getattr(splits, s)) for s in ("train", "val", "test")}, **splits.info}
-    write_json(run_dir / "data_info.json", info)
+    write_json(run_dir / DATA_INFO_FILE, info)
 
 
 def truncate_metrics(run_dir: Path, keep_before: int) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calray.engine.resume import flatten
+from calray.config import flatten
 
 EVENTS_DIR = "tensorboard"
 CONTRIBUTION_KEYS = ("W", "D", "I", "phi", "R", "P", "kl", "a", "beta")
@@ -39,7 +39,7 @@ def hparams(cfg) -> dict:
     """The config as flat scalars/strings (TensorBoard's HParams accepts no lists)."""
     out = {}
     for key, value in flatten(cfg.to_dict()).items():
-        if isinstance(value, bool) or isinstance(value, (int, float, str)):
+        if isinstance(value, (int, float, str)):  # bool is an int
             out[key] = value
         elif value is not None:
             out[key] = str(value)

@@ -37,6 +37,7 @@ from calray.engine.resume import check_resumable
 from calray.engine.runfiles import RunRecorder, seeds
 from calray.engine.runinfo import rng_state, seed_everything, set_rng_state
 from calray.errors import TrainingError
+from calray.io import BEST_CHECKPOINT, CHECKPOINTS_DIR, LAST_CHECKPOINT
 from calray.method.base import MethodContext, Step
 from calray.method.plugins import create_methods
 from calray.models import build_model
@@ -148,7 +149,7 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx or RunContext()
         self.device = self.ctx.device or resolve_device(cfg.runtime.device)
         self.run_dir = Path(self.ctx.run_dir or cfg.run_dir())
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
         self.recorder = RunRecorder(self.run_dir, cfg, self.ctx.is_main)
         seed_everything(cfg.runtime.seed)
         self.splits = splits or build_datasets(cfg)
@@ -321,7 +322,7 @@ class Trainer:
                 "last_contrib": dict(self.last_contrib), "rng": rng_state()}
 
     def save_checkpoint(self, epoch: int) -> Path:
-        path = self.ckpt_dir / "last.pt"
+        path = self.ckpt_dir / LAST_CHECKPOINT
         save_checkpoint(self._state(epoch), path)
         return path
 
@@ -352,8 +353,8 @@ class Trainer:
         if cfg.runtime.resume:  # before anything is written: a different config never reuses this dir
             check_resumable(self.run_dir, cfg.to_dict())
         resume_path = self.ctx.resume_from
-        if resume_path is None and cfg.runtime.resume and (self.ckpt_dir / "last.pt").is_file():
-            resume_path = self.ckpt_dir / "last.pt"
+        if resume_path is None and cfg.runtime.resume and (self.ckpt_dir / LAST_CHECKPOINT).is_file():
+            resume_path = self.ckpt_dir / LAST_CHECKPOINT
         if resume_path is not None:
             self.load_checkpoint(Path(resume_path))
             self._log(f"resumed from {resume_path} at epoch {self.start_epoch}")
@@ -386,7 +387,7 @@ class Trainer:
         ckpt = None
         if self.ctx.is_main:
             if improved:
-                save_checkpoint({"model": self.raw_model.state_dict(), "epoch": epoch}, self.ckpt_dir / "best.pt")
+                save_checkpoint({"model": self.raw_model.state_dict(), "epoch": epoch}, self.ckpt_dir / BEST_CHECKPOINT)
             if (epoch + 1) % self.cfg.runtime.checkpoint_every == 0 or epoch == self.cfg.optim.epochs - 1 or stopped_early:
                 ckpt = self.save_checkpoint(epoch)
         self.recorder.epoch(row)
@@ -414,7 +415,7 @@ class Trainer:
 
     def finish(self, duration: float, stopped_early: bool, epochs_run: int) -> dict:
         """Test with the best-on-validation weights (never select on test) and write summary.json."""
-        best_path = self.ckpt_dir / "best.pt"
+        best_path = self.ckpt_dir / BEST_CHECKPOINT
         barrier()
         if best_path.is_file():
             self.raw_model.load_state_dict(load_checkpoint(best_path, map_location=self.device)["model"])

@@ -4,7 +4,8 @@ even with `method.aib: off`, when it adds no loss term)."""
 
 from __future__ import annotations
 
-from calray.method import strategies, ogm_ge  # noqa: F401, I001 — importing registers them, in this order
+import calray.method.strategies  # noqa: F401, I001 — importing registers the strategies, in this order
+import calray.method.ogm_ge  # noqa: F401, I001
 from calray.method.asymmetric_ib import AsymmetricIB
 from calray.method.base import Method, MethodContext
 from calray.registry import STRATEGIES

@@ -9,6 +9,7 @@ import math
 
 import pandas as pd
 
+from calray.io import CONFIG_FILE, SUMMARY_FILE
 from calray.registry import AIB_MODES, CONTRIBUTIONS, FUSIONS, STRATEGIES
 from calray.report.cellstats import param_columns
 from calray.report.document import Section
@@ -39,7 +40,7 @@ def axis_values(data: ReportData) -> pd.DataFrame:
             v = r.get(col) if col in pt.columns else None
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 rd = resolve_path(data.root, r.get("run_dir"))
-                tree = run_config_cached(str(rd / "config.yaml")) if rd is not None else None
+                tree = run_config_cached(str(rd / CONFIG_FILE)) if rd is not None else None
                 v = config_value(tree, axis)
                 if v is None and r["cell"] in cells:
                     v = config_value(cells[r["cell"]].config, axis)
@@ -72,9 +73,9 @@ def _trial_test_unimodal(data: ReportData, r: pd.Series, mods: list[str]) -> dic
     out = {m: num(r.get(f"test_acc_{m}")) for m in mods}
     if any(v is None for v in out.values()):
         rd = resolve_path(data.root, r.get("run_dir"))
-        if rd is not None and (rd / "summary.json").is_file():
+        if rd is not None and (rd / SUMMARY_FILE).is_file():
             try:
-                test = json.loads((rd / "summary.json").read_text()).get("test") or {}
+                test = json.loads((rd / SUMMARY_FILE).read_text()).get("test") or {}
                 out = {m: num(test.get(f"acc_{m}")) if out[m] is None else out[m] for m in mods}
             except (OSError, json.JSONDecodeError):
                 pass

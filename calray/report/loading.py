@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from calray.io import CONFIG_FILE, SUMMARY_FILE
 from calray.report.errors import ReportError
 from calray.report.formatting import num
 from calray.report.paper_numbers import canonical_dataset
@@ -177,9 +178,9 @@ def _cell_info(root: Path, rec: dict, per_trial: pd.DataFrame) -> CellInfo:
         rows = per_trial[(per_trial["cell"] == cell) & (per_trial["trial_id"] == str(rec["best_trial"]))]
         if not rows.empty and "run_dir" in rows.columns:
             run_dir = resolve_path(root, rows.iloc[0]["run_dir"])
-    if config is None and run_dir is not None and (run_dir / "config.yaml").is_file():
-        config, text = _read_yaml_file(run_dir / "config.yaml", "run config")
-        cfg_path = run_dir / "config.yaml"
+    if config is None and run_dir is not None and (run_dir / CONFIG_FILE).is_file():
+        config, text = _read_yaml_file(run_dir / CONFIG_FILE, "run config")
+        cfg_path = run_dir / CONFIG_FILE
     label = str(rec.get("dataset") or "")
     data_dataset = ((config or {}).get("data") or {}).get("dataset")
     noise = rec.get("noise") or (config or {}).get("noise") or {}
@@ -211,11 +212,11 @@ def load_sweep(root: Path) -> ReportData:
 
 def load_run(root: Path) -> ReportData:
     """A single run directory, shaped as a sweep with one cell and one trial."""
-    config, text = _read_yaml_file(root / "config.yaml", "run config")
+    config, text = _read_yaml_file(root / CONFIG_FILE, "run config")
     if not isinstance(config, dict):
         raise ReportError(f"{root / 'config.yaml'}: run config is not a mapping")
     rows = read_metrics_jsonl(root / "metrics.jsonl") if (root / "metrics.jsonl").is_file() else []
-    summary = _read_json(root / "summary.json", "run summary") if (root / "summary.json").is_file() else {}
+    summary = _read_json(root / SUMMARY_FILE, "run summary") if (root / SUMMARY_FILE).is_file() else {}
     if not rows and not summary:
         raise ReportError(f"{root}: run directory has neither metrics.jsonl nor summary.json")
     name = root.name
@@ -230,10 +231,10 @@ def load_run(root: Path) -> ReportData:
            "noise": {k: noise.get(k) for k in ("kind", "eps", "mode")},
            "status": "done" if summary else "partial", "n_trials": 1, "n_failed": 0, "n_pruned": 0,
            "best_trial": name, "best_val_acc": summary.get("best_val_acc"), "best_test_acc": summary.get("test_acc"),
-           "best_config": "config.yaml", "best_run_dir": str(root)}
+           "best_config": CONFIG_FILE, "best_run_dir": str(root)}
     per_trial = per_trial_table(trials)
     cell = _cell_info(root, rec, per_trial)
-    cell.config, cell.config_text, cell.config_path = config, text, root / "config.yaml"
+    cell.config, cell.config_text, cell.config_path = config, text, root / CONFIG_FILE
     return ReportData(kind="run", root=root, name=name, sweep_spec=None, cells=[cell], trials=trials,
                       per_trial=per_trial, journal=None, robustness=read_robustness(root))
 
@@ -246,7 +247,7 @@ def load_directory(path: Path) -> ReportData:
         raise ReportError(f"{path}: not a directory (expected a sweep or run directory)")
     if (path / "cells.json").exists():
         return load_sweep(path)
-    if (path / "config.yaml").exists():
+    if (path / CONFIG_FILE).exists():
         return load_run(path)
     raise ReportError(f"{path}: not a sweep directory (no cells.json) nor a run directory (no config.yaml)")
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from calray.config import get_dotted
 from calray.errors import ConfigError, run_cli
 from calray.io import (BEST_DIR, CELLS_FILE, MANIFEST_DIR, OPTUNA_JOURNAL, RAY_DIR, RUNS_DIR, SWEEP_FILE,
                        TRIALS_PARQUET, atomic_write_text)
@@ -150,19 +151,10 @@ def _check_resume(plan: SweepPlan, sdir: Path, resume: bool) -> None:
     old = yaml.safe_load(stored.read_text()) or {}
     new = stored_spec(plan)
     for key in RESUME_KEYS:
-        if _dig(old, key) != _dig(new, key):
+        if get_dotted(old, key) != get_dotted(new, key):
             raise ConfigError(f"{plan.path}: {key}: differs from the sweep being resumed ({stored}); "
                               f"a resumed sweep must keep its cells, space, scheduler and resources — "
                               f"start a new sweep (another name) instead")
-
-
-def _dig(tree: dict, dotted: str):
-    node = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
 
 
 def _init_ray(address: str | None, plan: SweepPlan) -> None:
