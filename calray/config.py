@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from calray.errors import ConfigError
 from calray.registry import AIB_MODES, CONTRIBUTIONS, DATASETS, FUSIONS, NOISE_KINDS, STRATEGIES
@@ -20,6 +20,24 @@ from calray.registry import AIB_MODES, CONTRIBUTIONS, DATASETS, FUSIONS, NOISE_K
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+def plugin_params(registry, name: str, params: dict | None) -> dict:
+    """A plug-in's own hyper-parameters (`method.params` for a strategy, `model.fusion_params` for a
+    fusion) validated by the `Params` model the plug-in class declares, defaults filled in so the
+    resolved config records every value the run used. A plug-in without `Params` takes none."""
+    model = getattr(registry.get(name), "Params", None)
+    if model is None:
+        if params:
+            raise ValueError(f"{registry.kind} {name!r} takes no parameters, got {', '.join(sorted(params))}")
+        return {}
+    try:
+        return model.model_validate(params or {}).model_dump(mode="json")
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = _format_loc(tuple(first["loc"]))
+        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ValueError(f"{key}: {msg} ({registry.kind} {name!r})") from None
 
 
 class DataConfig(Strict):
@@ -52,11 +70,17 @@ class ModelConfig(Strict):
     fusion: str = "concat"  # a name in calray.registry.FUSIONS
     fusion_dim: int | None = None  # projection size for sum/film/gated (default: min embedding size)
     unimodal_head: Literal["shared", "separate"] = "shared"
+    fusion_params: dict[str, Any] = Field(default_factory=dict, validate_default=True)  # the fusion's own Params (docs/METHOD.md)
 
     @field_validator("fusion")
     @classmethod
     def _registered_fusion(cls, v):
         return FUSIONS.check(v)
+
+    @field_validator("fusion_params")
+    @classmethod
+    def _fusion_params(cls, v, info: ValidationInfo):
+        return plugin_params(FUSIONS, info.data["fusion"], v) if "fusion" in info.data else v
 
 
 class MethodConfig(Strict):
@@ -88,6 +112,7 @@ class MethodConfig(Strict):
     ogm_continuous: bool = False  # k = 1 − tanh(α·relu(ρ − 1)) instead: no jump at ρ = 1
     ogm_epochs: tuple[int, int] = (0, 50)  # OGM-GE modulation window [start, end]
     ogm_ge_noise: bool = True  # OGM-GE (GE): add N(0, std(grad)²) to every modality's weight gradients
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True)  # the strategy's own Params (baselines; docs/METHOD.md)
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -105,6 +130,11 @@ class MethodConfig(Strict):
     @classmethod
     def _registered_strategy(cls, v):
         return STRATEGIES.check(v)
+
+    @field_validator("params")
+    @classmethod
+    def _strategy_params(cls, v, info: ValidationInfo):
+        return plugin_params(STRATEGIES, info.data["strategy"], v) if "strategy" in info.data else v
 
     @field_validator("contribution")
     @classmethod

@@ -68,7 +68,7 @@ class Registry:
 STRATEGIES = Registry("strategy", "method.strategy", "calray.method.plugins")
 CONTRIBUTIONS = Registry("contribution variant", "method.contribution", "calray.method.contribution")
 AIB_MODES = Registry("AIB mode", "method.aib", "calray.method.aib")
-FUSIONS = Registry("fusion", "model.fusion", "calray.models.fusion")
+FUSIONS = Registry("fusion", "model.fusion", "calray.models.fusion_plugins")
 ENCODERS = Registry("encoder", "model.encoders.<m>.name", "calray.models.encoders")
 DATASETS = Registry("dataset", "data.dataset", "calray.data")
 NOISE_KINDS = Registry("noise kind", "noise.kind", "calray.data.noise")

@@ -1,7 +1,9 @@
 import pytest
 import yaml
 
-from calray.config import RunConfig, load_config, parse_override
+from pydantic import Field
+
+from calray.config import RunConfig, config_from_dict, load_config, parse_override
 from calray.errors import ConfigError
 
 
@@ -101,3 +103,30 @@ def test_absolute_paths_covers_paths_inside_dataset_params(tmp_path, monkeypatch
     assert absolute_paths({}) == {}
     synthetic = {"data": {"dataset": "synthetic", "params": {"modalities": ["a", "b"]}}}
     assert absolute_paths(synthetic) == synthetic
+
+
+def test_plugin_params_are_validated_by_the_selected_plugins_model_and_recorded_with_defaults(monkeypatch):
+    """method.params is checked against the strategy's own Params model at load time (a typo or a
+    bad value names method.params and the key); the resolved config records the defaults."""
+    from calray.config import Strict
+    from calray.method.base import Method
+    from calray.registry import STRATEGIES
+
+    class WithParams(Method):
+        class Params(Strict):
+            alpha: float = Field(0.5, gt=0.0)
+
+    STRATEGIES.names()  # load the real entries first
+    monkeypatch.setitem(STRATEGIES._entries, "with_params", WithParams)
+    cfg = config_from_dict({"method": {"strategy": "with_params"}})
+    assert cfg.method.params == {"alpha": 0.5}
+    assert config_from_dict({"method": {"strategy": "with_params", "params": {"alpha": 2}}}).method.params == {"alpha": 2.0}
+    for bad, needle in (({"alpha": -1}, "alpha: Input should be greater than 0"), ({"alhpa": 1}, "alhpa: unknown key")):
+        with pytest.raises(ConfigError, match=f"method.params: .*{needle}"):
+            config_from_dict({"method": {"strategy": "with_params", "params": bad}})
+    plugin = WithParams(config_from_dict({"method": {"strategy": "with_params", "params": {"alpha": 3}}}), ["a"], None)
+    assert plugin.params.alpha == 3.0
+    with pytest.raises(ConfigError, match="strategy 'cal' takes no parameters, got alpha"):
+        config_from_dict({"method": {"strategy": "cal", "params": {"alpha": 1}}})
+    with pytest.raises(ConfigError, match="model.fusion_params: .*fusion 'concat' takes no parameters"):
+        config_from_dict({"model": {"fusion_params": {"rank": 1}}})

@@ -25,6 +25,12 @@ for checkpoints
 Every hook defaults to doing nothing, so a plug-in implements only what its method does. A
 plug-in registers itself by name in a registry (calray.registry), and `create_methods` builds the
 run's plug-ins from the config: the gradient strategy (`method.strategy`) and the AIB.
+
+A plug-in's own hyper-parameters are a pydantic model it declares as `Params` (a subclass of
+calray.config.Strict, every field with the reference code's default); the user sets them under
+`method.params` (`--set method.params.alpha=0.5`, sweep space key `method.params.alpha`), the config
+validates them against the selected strategy's `Params` when it is loaded, and the plug-in reads
+`self.params`.
 """
 
 from __future__ import annotations
@@ -55,11 +61,13 @@ class Method:
     """Base plug-in: every hook a no-op."""
 
     name = "base"
+    Params = None  # a calray.config.Strict model of `method.params`, or None: the method takes none
 
     def __init__(self, cfg, modalities: list[str], context: "MethodContext"):
         self.cfg = cfg
         self.modalities = list(modalities)
         self.context = context
+        self.params = self.Params.model_validate(cfg.method.params) if self.Params is not None else None
 
     def loss_terms(self, step: Step, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return terms

@@ -16,8 +16,14 @@ from calray.registry import FUSIONS
 
 
 class Fusion(nn.Module):
-    def __init__(self, dims: dict[str, int], num_classes: int, fusion_dim: int | None):
+    """A fusion's own hyper-parameters are its `Params` model (a calray.config.Strict), set under
+    `model.fusion_params` and read as `self.params`."""
+
+    Params = None
+
+    def __init__(self, dims: dict[str, int], num_classes: int, fusion_dim: int | None, params: dict | None = None):
         super().__init__()
+        self.params = self.Params.model_validate(params or {}) if self.Params is not None else None
         self.modalities = list(dims)
         self.dims = dict(dims)
         self.num_classes = num_classes
@@ -34,8 +40,8 @@ class Fusion(nn.Module):
 
 
 class ConcatFusion(Fusion):
-    def __init__(self, dims, num_classes, fusion_dim):
-        super().__init__(dims, num_classes, fusion_dim)
+    def __init__(self, dims, num_classes, fusion_dim, params=None):
+        super().__init__(dims, num_classes, fusion_dim, params)
         self.head = nn.Linear(sum(dims.values()), num_classes)
 
     def forward(self, embs):
@@ -50,8 +56,8 @@ class ConcatFusion(Fusion):
 
 
 class SumFusion(Fusion):
-    def __init__(self, dims, num_classes, fusion_dim):
-        super().__init__(dims, num_classes, fusion_dim)
+    def __init__(self, dims, num_classes, fusion_dim, params=None):
+        super().__init__(dims, num_classes, fusion_dim, params)
         self.proj = nn.ModuleDict({m: nn.Linear(d, self.fusion_dim) for m, d in dims.items()})
         self.head = nn.Linear(self.fusion_dim, num_classes)
 
@@ -63,8 +69,8 @@ class SumFusion(Fusion):
 class FiLMFusion(Fusion):
     """The first modality is modulated by the others: γ, β = split(Linear(cat others)); z = γ·x + β."""
 
-    def __init__(self, dims, num_classes, fusion_dim):
-        super().__init__(dims, num_classes, fusion_dim)
+    def __init__(self, dims, num_classes, fusion_dim, params=None):
+        super().__init__(dims, num_classes, fusion_dim, params)
         first, *rest = self.modalities
         if not rest:
             raise ConfigError("model.fusion: film needs at least two modalities")
@@ -82,8 +88,8 @@ class FiLMFusion(Fusion):
 class GatedFusion(Fusion):
     """OGM-GE's gated fusion generalised to M: z = σ(P_0 h_0) ⊙ Σ_{m>0} P_m h_m."""
 
-    def __init__(self, dims, num_classes, fusion_dim):
-        super().__init__(dims, num_classes, fusion_dim)
+    def __init__(self, dims, num_classes, fusion_dim, params=None):
+        super().__init__(dims, num_classes, fusion_dim, params)
         if len(dims) < 2:
             raise ConfigError("model.fusion: gated needs at least two modalities")
         self.proj = nn.ModuleDict({m: nn.Linear(d, self.fusion_dim) for m, d in dims.items()})
@@ -99,8 +105,8 @@ class GatedFusion(Fusion):
 class LateFusion(Fusion):
     """Mean of per-modality logits; its unimodal logits are those per-modality heads."""
 
-    def __init__(self, dims, num_classes, fusion_dim):
-        super().__init__(dims, num_classes, fusion_dim)
+    def __init__(self, dims, num_classes, fusion_dim, params=None):
+        super().__init__(dims, num_classes, fusion_dim, params)
         self.heads = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in dims.items()})
 
     def forward(self, embs):
@@ -116,5 +122,6 @@ for _name, _cls in (("concat", ConcatFusion), ("sum", SumFusion), ("film", FiLMF
     FUSIONS.register(_name)(_cls)
 
 
-def build_fusion(name: str, dims: dict[str, int], num_classes: int, fusion_dim: int | None) -> Fusion:
-    return FUSIONS.get(name)(dims, num_classes, fusion_dim)
+def build_fusion(name: str, dims: dict[str, int], num_classes: int, fusion_dim: int | None,
+                 params: dict | None = None) -> Fusion:
+    return FUSIONS.get(name)(dims, num_classes, fusion_dim, params)

@@ -124,7 +124,7 @@ def build_model(cfg, splits) -> MultimodalModel:
     if cfg.method.aib != "off":
         aib_heads = {m: VariationalHead(d, cfg.method.latent_dim or d) for m, d in dims.items()}
         dims = {m: h.latent_dim for m, h in aib_heads.items()}
-    fusion = build_fusion(cfg.model.fusion, dims, splits.num_classes, cfg.model.fusion_dim)
+    fusion = build_fusion(cfg.model.fusion, dims, splits.num_classes, cfg.model.fusion_dim, cfg.model.fusion_params)
     separate = None
     if cfg.model.unimodal_head == "separate" and cfg.model.fusion != "late":
         separate = {m: nn.Linear(d, splits.num_classes) for m, d in dims.items()}
