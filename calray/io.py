@@ -45,6 +45,14 @@ ROBUSTNESS_SUMMARY_PARQUET = "robustness_summary.parquet"
 ROBUSTNESS_SUMMARY_CSV = "robustness_summary.csv"
 ROBUSTNESS_GRID_FILE = "robustness_grid.json"
 ROBUSTNESS_DIR = "robustness"  # runs/<cell>/<retrain>/ and tune/: the train+test retrains
+# the final stage (calray.sweep: retrains of each best config over paired seeds) and its comparison
+# (calray.report.comparison), in the sweep directory
+FINAL_DIR = "final"  # runs/<cell>/seed<s>/: the final retrains; tune/: Ray Tune's state of them
+FINAL_CSV = "final.csv"  # one row per (cell, seed)
+FINAL_PARQUET = "final.parquet"
+FINAL_JSON = "final.json"  # the protocol as run: seeds, baseline, metrics, confidence, budget
+COMPARISON_CSV = "comparison.csv"  # every variant against the baseline, paired by seed
+COMPARISON_PARQUET = "comparison.parquet"
 
 
 def current_umask() -> int:

@@ -235,7 +235,7 @@ def test_sweep_quiet_reaches_the_robustness_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(robustness, "run_grid", lambda *a, **kw: calls.append(kw))
     monkeypatch.setattr(report, "write_report", lambda sdir: None)
     for quiet in (True, False):
-        assert finish_hooks(plan, tmp_path, None, quiet=quiet) == 0
+        assert finish_hooks(plan, plan.cells, tmp_path, None, quiet=quiet) == 0
     assert [kw.get("quiet") for kw in calls] == [True, False]
 
 

@@ -5,16 +5,23 @@
 - "auto" or host:port: a running cluster. Its workers do not inherit this shell's environment, so
   PYTHONPATH (calray's source root first, for a checkout that is not installed) and
   RAY_CHDIR_TO_TRIAL_DIR=0 (trials keep the driver's working directory) go in the runtime_env.
+
+`check_shared_storage(path)`: on a cluster of several nodes, a task pinned to every alive node
+checks that the sweep (or run) directory and a token file the driver wrote there are visible on
+that node, so a node-local `storage_path` fails before the first trial instead of late inside
+Ray Train (docs/DISTRIBUTED.md "Shared storage").
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 
 from calray.errors import ConfigError
 
+log = logging.getLogger("calray.ray")
 SOURCE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory that holds the calray package
 
 
@@ -56,3 +63,76 @@ def init_ray(address: str | None, *, key: str = "--address", num_cpus: float | N
         raise ConfigError(f"{key} {address}: cannot connect to a Ray cluster there "
                           f"({type(e).__name__}: {e}){_auth_hint(address)}") from None
     return True
+
+
+# ---------------------------------------------------------------- shared storage
+
+STORAGE_PROBE_PREFIX = ".calray_storage_check_"  # <dir>/.calray_storage_check_<token>, removed after the check
+STORAGE_CHECK_TIMEOUT_S = 120.0  # a node that has not answered by then is reported, not failed
+
+
+def _storage_probe(path: str, name: str, token: str) -> tuple[bool, str]:
+    """Runs on one node: (sees `path` with the driver's token file, what it found)."""
+    import socket
+
+    host = socket.gethostname()
+    p = Path(path)
+    if not p.is_dir():
+        return False, f"host {host}: {path} does not exist there"
+    try:
+        seen = (p / name).read_text().strip()
+    except OSError:
+        return False, f"host {host}: {path} exists but the driver's token file {name} is not in it (another disk)"
+    if seen != token:
+        return False, f"host {host}: {path}/{name} holds another token"
+    return True, f"host {host}"
+
+
+def _alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_shared_storage(path: str | Path, *, key: str = "ray.storage_path", what: str = "the sweep directory",
+                         timeout_s: float = STORAGE_CHECK_TIMEOUT_S) -> None:
+    """On a Ray cluster of more than one alive node, check from a task pinned to every node that
+    `path` (created here if missing) and a token file the driver writes in it are visible there;
+    a node that cannot see them is one ConfigError naming `key`, the path and the node(s).
+    One node: no task, no file (a `ray.nodes()` call). Needs Ray initialised."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = _alive_nodes()
+    if len(nodes) <= 1:
+        return
+    path = Path(path).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    name = STORAGE_PROBE_PREFIX + token[:12]
+    (path / name).write_text(token + "\n")
+    probe = ray.remote(_storage_probe)
+    try:
+        refs = {probe.options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(str(path), name, token): n for n in nodes}
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        blind = []
+        for ref in ready:
+            try:
+                ok, detail = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the node died meanwhile: not a storage verdict
+                log.warning("storage check on node %s failed: %s", refs[ref]["NodeID"][:8], type(e).__name__)
+                continue
+            if not ok:
+                blind.append(f"node {refs[ref]['NodeID'][:8]} ({refs[ref].get('NodeManagerAddress')}, {detail})")
+        for ref in pending:
+            log.warning("storage check: node %s did not answer within %.0fs; not checked",
+                        refs[ref]["NodeID"][:8], timeout_s)
+            ray.cancel(ref, force=True)
+    finally:
+        (path / name).unlink(missing_ok=True)
+    if blind:
+        raise ConfigError(
+            f"{key}: {what} {path} is not visible on {len(blind)} of {len(nodes)} Ray nodes: {'; '.join(blind)}; "
+            f"a local path is not shared between nodes — use a filesystem mounted at the same path on every node "
+            f"(NFS, Lustre, BeeGFS, ...) for {key}")

@@ -66,6 +66,7 @@ class TrialStatus(str, Enum):
     PRUNED = "PRUNED"  # ended without a final report and without an error: a scheduler stopped it
     ERROR = "ERROR"
     ABANDONED = "ABANDONED"  # left unfinished by a Ray experiment that could not be restored
+    RETRIED = "RETRIED"  # failed, then run again with the same parameters as a new trial (--retry-failed)
 
     def __str__(self) -> str:
         return self.value

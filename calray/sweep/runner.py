@@ -29,10 +29,11 @@ from calray.errors import ConfigError, run_cli
 from calray.io import (BEST_DIR, CELLS_FILE, MANIFEST_DIR, OPTUNA_JOURNAL, RAY_DIR, RUNS_DIR, SWEEP_FILE,
                        TRIALS_PARQUET, atomic_write_text)
 from calray.ray.progress import progress_of, tune_callback
-from calray.ray.session import init_ray
+from calray.ray.session import check_shared_storage, init_ray
 from calray.ray.trial import FINISHED, TIME_ATTR, TrialStatus, resolve_run_config, run_trial
 from calray.report import render as report_render
 from calray.robustness import grid as robustness_grid
+from calray.sweep import final as sweep_final
 from calray.sweep.outputs import Manifest, manifest_path, write_outputs
 from calray.sweep.progress import SweepCallback, SweepDisplay, cal_optuna_search, trial_dirname
 from calray.sweep.spec import Cell, SweepPlan, example_params, load_sweep, stored_spec
@@ -66,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only cells whose id matches this glob (comma-separated globs allowed)")
     p.add_argument("--num-samples", type=int, default=None, metavar="N", help="trials per cell (overrides search.num_samples)")
     p.add_argument("--storage-path", default=None, help="override ray.storage_path")
+    p.add_argument("--final-only", action="store_true",
+                   help="(re)run only the final stage (final: block) of a finished sweep, then its grid and report")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: run the failed trials again with their parameters")
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     return p.parse_args(argv)
 
@@ -103,11 +108,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(plan, cells, args)
         return 0
+    if args.retry_failed and not args.resume:
+        raise ConfigError("--retry-failed continues a sweep: pass --resume too")
+    if args.final_only:
+        return run_final_only(plan, cells, address=args.address, storage_path=args.storage_path, quiet=args.quiet)
     return run_sweep(plan, cells, address=args.address, resume=args.resume, storage_path=args.storage_path,
-                     quiet=args.quiet)
+                     quiet=args.quiet, retry_failed=args.retry_failed)
 
 
 # ---------------------------------------------------------------- dry run
+
+
+def _space_text(space: dict) -> str:
+    return ", ".join(f"{k}: {d.kind} {getattr(d, d.kind)}" for k, d in space.items()) or "(empty: each trial runs the config as given)"
 
 
 def dry_run(plan: SweepPlan, cells: list[Cell], args) -> None:
@@ -120,15 +133,16 @@ def dry_run(plan: SweepPlan, cells: list[Cell], args) -> None:
           f"scheduler {sched}, resources {spec.resources.model_dump()}, "
           f"max_concurrent_trials {spec.max_concurrent_trials}")
     print(f"outputs: {sdir}")
-    print("search space: " + (", ".join(f"{k}: {d.kind} {getattr(d, d.kind)}" for k, d in spec.search.space.items())
-                              or "(empty: each trial runs the base config)"))
+    print("search space: " + _space_text(spec.search.space))
     print("cells:")
     for c in cells:
         r = c.run
         print(f"  {c.id:40s} dataset={r['data']['dataset']} noise={c.noise['kind']}"
               f"/eps={c.noise.get('eps', 0):g}/{c.noise.get('mode', 'test')} "
               f"strategy={r['method']['strategy']} epochs={r['optim']['epochs']}  (from {c.source})")
-    params = example_params(spec)
+        if c.space != spec.search.space:
+            print(f"  {'':40s} its own space: {_space_text(c.space)}")
+    params = example_params(spec, cells[0])
     cfg = resolve_run_config({"run": cell_run(plan, cells[0]), **params}, source=f"cell {cells[0].id}")
     print(f"\none trial of cell {cells[0].id} (example params {json.dumps(params)}; it writes "
           f"{sdir / RUNS_DIR / cells[0].id}/<trial_id>/), resolved run config:")
@@ -178,8 +192,9 @@ def _init_ray(address: str | None, plan: SweepPlan) -> None:
 
 
 def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, resume: bool = False,
-              storage_path: str | None = None, quiet: bool = False) -> int:
-    """Run (or resume) the sweep's cells one after another; write outputs after each cell."""
+              storage_path: str | None = None, quiet: bool = False, retry_failed: bool = False) -> int:
+    """Run (or resume) the sweep's cells one after another; write outputs after each cell; then the
+    final stage, the robustness grid and the report (`finish_hooks`)."""
     spec = plan.spec
     sdir = sweep_dir_of(plan, storage_path)
     _check_resume(plan, sdir, resume)
@@ -188,6 +203,7 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
     atomic_write_text(sdir / SWEEP_FILE, yaml.safe_dump(stored_spec(plan), sort_keys=False))
     address = address or spec.ray.address
     _init_ray(address, plan)
+    check_shared_storage(sdir, key="ray.storage_path (--storage-path)", what="the sweep directory")
     display = SweepDisplay(n_cells=len(cells), quiet=quiet)
     print(f"sweep {spec.name}: {len(cells)} cell(s) × {plan.num_samples()} trial(s) → {sdir}", flush=True)
     t0 = time.time()
@@ -195,7 +211,7 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
         for i, cell in enumerate(cells, 1):
             display.cell_index = i
             try:
-                run_cell(plan, cell, sdir, display)
+                run_cell(plan, cell, sdir, display, retry_failed=retry_failed)
             finally:
                 records = write_outputs(plan, sdir)
             rec = next(r for r in records if r["cell"] == cell.id)
@@ -209,15 +225,39 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
                           f"`python -m calray.sweep {plan.path} --resume`") from None
     print(f"sweep {spec.name} finished in {time.time() - t0:.0f}s: {sdir}/{CELLS_FILE}, {TRIALS_PARQUET}, "
           f"{BEST_DIR}/", flush=True)
-    status = finish_hooks(plan, sdir, address, quiet=quiet)
+    status = finish_hooks(plan, cells, sdir, address, quiet=quiet)
     print(f"optuna-dashboard {sdir / OPTUNA_JOURNAL}   # browse the studies", flush=True)
     return status
 
 
-def finish_hooks(plan: SweepPlan, sdir: Path, address: str | None, quiet: bool = False) -> int:
-    """The robustness grid (when the sweep file has one; `quiet` as the sweep's --quiet) and the
-    report. Their failures are logged and never touch the sweep's outputs."""
+def run_final_only(plan: SweepPlan, cells: list[Cell], address: str | None = None,
+                   storage_path: str | None = None, quiet: bool = False) -> int:
+    """`--final-only`: the final stage of a sweep whose search has run, then its grid and report."""
+    sdir = sweep_dir_of(plan, storage_path)
+    if plan.spec.final is None:
+        raise ConfigError(f"{plan.path}: final: --final-only needs a final: block in the sweep file")
+    if not (sdir / CELLS_FILE).is_file():
+        raise ConfigError(f"{sdir}: no {CELLS_FILE}: the sweep's search has not run (run it without --final-only)")
+    _check_resume(plan, sdir, resume=True)  # the same cells, space and resources as the search
+    _init_ray(address or plan.spec.ray.address, plan)
+    return finish_hooks(plan, cells, sdir, address or plan.spec.ray.address, quiet=quiet)
+
+
+def _final_stage(plan: SweepPlan, cells: list[Cell], sdir: Path, address: str | None, quiet: bool) -> None:
+    """The final multi-seed retrains; a Ctrl-C during them is an interruption `--resume` continues."""
+    trackers = tracking_callbacks(plan.spec.tracking, plan.spec.name, "final", sdir)
+    if sweep_final.run_final(plan, cells, sdir, address, quiet=quiet, callbacks=trackers) is None:
+        raise Interrupted(f"the final stage stopped before every retrain finished; continue with "
+                          f"`python -m calray.sweep {plan.path} --resume`")
+
+
+def finish_hooks(plan: SweepPlan, cells: list[Cell], sdir: Path, address: str | None, quiet: bool = False) -> int:
+    """The final stage (a `final:` block), the robustness grid (a `robustness:` block; `quiet` as the
+    sweep's --quiet) and the report. The grid's and the report's failures are logged and never touch
+    the sweep's outputs."""
     status = 0
+    if plan.spec.final is not None:
+        _final_stage(plan, cells, sdir, address, quiet)
     if plan.spec.robustness:
         try:
             trackers = tracking_callbacks(plan.spec.tracking, plan.spec.name, "robustness", sdir)
@@ -245,7 +285,7 @@ def journal_storage(sdir: Path):
     return JournalStorage(JournalFileBackend(str(sdir / OPTUNA_JOURNAL)))
 
 
-def _sampler(plan: SweepPlan, seed_offset: int):
+def _sampler(plan: SweepPlan, cell: Cell, seed_offset: int):
     import optuna
 
     s = plan.spec.search
@@ -253,7 +293,7 @@ def _sampler(plan: SweepPlan, seed_offset: int):
     if s.algorithm == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.algorithm == "grid":
-        return optuna.samplers.GridSampler({k: d.grid_values() for k, d in s.space.items()}, seed=seed)
+        return optuna.samplers.GridSampler({k: d.grid_values() for k, d in cell.space.items()}, seed=seed)
     kw = {"n_startup_trials": s.n_startup_trials} if s.n_startup_trials else {}
     return optuna.samplers.TPESampler(seed=seed, **kw)
 
@@ -274,10 +314,7 @@ def _domain(dist):
 def _trainable(plan: SweepPlan):
     from ray import tune
 
-    r = plan.spec.resources
-    if r.workers > 1:  # the trial drives a TorchTrainer whose workers reserve their own resources
-        return tune.with_resources(run_trial, {"cpu": r.driver_cpus})
-    return tune.with_resources(run_trial, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
+    return tune.with_resources(run_trial, plan.spec.resources.trial_resources())
 
 
 def cell_run(plan: SweepPlan, cell: Cell) -> dict:
@@ -291,7 +328,7 @@ def cell_run(plan: SweepPlan, cell: Cell) -> dict:
 
 
 def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_offset: int,
-               display: SweepDisplay):
+               display: SweepDisplay, points: list[dict] | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -299,11 +336,11 @@ def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_o
     s = spec.search
     param_space = {"run": cell_run(plan, cell), "runs_root": str(sdir / RUNS_DIR / cell.id),
                    "cell": cell.id, "sweep": spec.name}
-    param_space.update({k: _domain(d) for k, d in s.space.items()})
+    param_space.update({k: _domain(d) for k, d in cell.space.items()})
     searcher = None
-    if s.space:
-        searcher = cal_optuna_search(sampler=_sampler(plan, seed_offset), storage=journal_storage(sdir),
-                                   study_name=cell.id)
+    if cell.space:
+        searcher = cal_optuna_search(sampler=_sampler(plan, cell, seed_offset), storage=journal_storage(sdir),
+                                     study_name=cell.id, points_to_evaluate=points or None)
     scheduler = None
     if spec.scheduler and spec.scheduler.asha:
         a = spec.scheduler.asha
@@ -338,7 +375,7 @@ def _retire_experiment(sdir: Path, cell: Cell, manifest: Manifest) -> None:
             k += 1
         shutil.move(str(exp), str(exp.parent / f"{cell.id}.old{k}"))
     for tid, t in manifest.trials().items():
-        if t["status"] not in FINISHED and t["status"] != TrialStatus.ABANDONED:
+        if t["status"] not in (*FINISHED, TrialStatus.ABANDONED, TrialStatus.RETRIED):
             manifest.append({"ev": "end", "trial_id": tid, "status": TrialStatus.ABANDONED, "error": None})
     if not (sdir / OPTUNA_JOURNAL).is_file():
         return
@@ -354,9 +391,12 @@ def _retire_experiment(sdir: Path, cell: Cell, manifest: Manifest) -> None:
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
-def run_cell(plan: SweepPlan, cell: Cell, sdir: Path, display: SweepDisplay | None = None) -> None:
+def run_cell(plan: SweepPlan, cell: Cell, sdir: Path, display: SweepDisplay | None = None,
+             retry_failed: bool = False) -> None:
     """Run a cell's trials until `num_samples` have finished; restore Ray's experiment if it can.
     `display`: the sweep's progress-line context (default: this cell alone, not quiet).
+    `retry_failed`: each failed trial is marked RETRIED and its parameters run again as a new trial
+    (the new Tuner's first points), from scratch; within a run, `max_failures` retries from checkpoints.
 
     Raises KeyboardInterrupt when Tune stopped early on a Ctrl-C (Tune catches the signal itself,
     saves its state and returns).
@@ -364,31 +404,41 @@ def run_cell(plan: SweepPlan, cell: Cell, sdir: Path, display: SweepDisplay | No
     from ray import tune
 
     display = display or SweepDisplay(n_cells=1, cell_index=1)
-    n = plan.num_samples()
     manifest = Manifest(manifest_path(sdir, cell.id))
     exp = sdir / RAY_DIR / cell.id
-    finished = len(manifest.finished())
-    if finished >= n:
-        print(f"[cell {cell.id}] {finished}/{n} trials already finished — skipped", flush=True)
+
+    def done(count_errors: bool = True) -> int:
+        return sum(count_errors or t["status"] != TrialStatus.ERROR for t in manifest.finished().values())
+
+    n = max(plan.num_samples(), done())  # a cell extended by --num-samples keeps its extra trials
+    if done(count_errors=not retry_failed) >= n:
+        print(f"[cell {cell.id}] {done()}/{n} trials already finished — skipped", flush=True)
         return
     if exp.exists() and tune.Tuner.can_restore(str(exp)):
         try:
             tuner = tune.Tuner.restore(str(exp), trainable=_trainable(plan), resume_unfinished=True,
-                                       resume_errored=True)
+                                       resume_errored=False)
         except Exception as e:  # noqa: BLE001 - e.g. a truncated tuner.pkl (ray#58179)
             print(f"[cell {cell.id}] cannot restore {exp} ({type(e).__name__}: {e}); a new Tuner runs "
                   f"the remaining trials", flush=True)
         else:
-            print(f"[cell {cell.id}] resuming Ray experiment ({finished}/{n} trials finished)", flush=True)
+            print(f"[cell {cell.id}] resuming Ray experiment ({done()}/{n} trials finished)", flush=True)
             _show(tuner, display)
             if _fit(tuner, manifest):
                 raise KeyboardInterrupt
-    finished = len(manifest.finished())
+    retry = []
+    if retry_failed:
+        for tid, t in manifest.trials().items():
+            if t["status"] == TrialStatus.ERROR:
+                manifest.append({"ev": "end", "trial_id": tid, "status": TrialStatus.RETRIED, "error": t["error"]})
+                retry.append(t["params"])
+    finished = done()
     if finished >= n:
         return
     if exp.exists() or manifest.events():  # unrestorable, or num_samples grew: run the rest anew
         _retire_experiment(sdir, cell, manifest)
-    tuner = _new_tuner(plan, cell, sdir, num_samples=n - finished, seed_offset=finished, display=display)
+    tuner = _new_tuner(plan, cell, sdir, num_samples=n - finished, seed_offset=finished, display=display,
+                       points=retry)
     if _fit(tuner, manifest) or len(manifest.finished()) < n:
         raise KeyboardInterrupt
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 import itertools
-import math
 import random
 import re
 from pathlib import Path
@@ -25,108 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from calray.config import NoiseConfig, RunConfig, absolute_paths, apply_overrides, read_yaml, validation_error_message
 from calray.errors import ConfigError
 from calray.robustness.spec import parse_grid
+from calray.sweep.space import Distribution, SearchSpec, alias_keys
 from calray.sweep.tracking import TrackingSpec
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-# ---------------------------------------------------------------- search space
-
-
-class Distribution(_Strict):
-    """Exactly one of: loguniform [lo, hi], uniform [lo, hi], int [lo, hi] (inclusive), choice [...]."""
-
-    loguniform: tuple[float, float] | None = None
-    uniform: tuple[float, float] | None = None
-    int: tuple[int, int] | None = None
-    choice: list[Any] | None = None
-    log: bool = False  # int only: sample on a log scale
-
-    @model_validator(mode="after")
-    def _exactly_one(self):
-        given = [k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of loguniform, uniform, int, choice "
-                             f"(got {', '.join(given) or 'none'})")
-        kind = given[0]
-        if kind == "choice":
-            if not self.choice:
-                raise ValueError("choice: needs at least one value")
-            return self
-        lo, hi = getattr(self, kind)
-        if not lo < hi and not (kind == "int" and lo == hi):
-            raise ValueError(f"{kind}: lower bound {lo} must be below upper bound {hi}")
-        if (kind == "loguniform" or (kind == "int" and self.log)) and lo <= 0:
-            raise ValueError(f"{kind}: a log scale needs a lower bound > 0 (got {lo})")
-        if self.log and kind != "int":
-            raise ValueError("log: only for int ranges (use loguniform for floats)")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None)
-
-    def grid_values(self) -> list[Any] | None:
-        """The values of a discrete dimension (choice, int range), or None for continuous ones."""
-        if self.choice is not None:
-            return list(self.choice)
-        if self.int is not None:
-            return list(range(self.int[0], self.int[1] + 1))
-        return None
-
-    def sample(self, rng: random.Random) -> Any:
-        """A value drawn without Ray/Optuna (used by --dry-run to show one trial's config)."""
-        if self.choice is not None:
-            return rng.choice(self.choice)
-        if self.int is not None:
-            lo, hi = self.int
-            if self.log:
-                return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
-            return rng.randint(lo, hi)
-        if self.loguniform is not None:
-            lo, hi = self.loguniform
-            return math.exp(rng.uniform(math.log(lo), math.log(hi)))
-        lo, hi = self.uniform
-        return rng.uniform(lo, hi)
-
-    def check_values(self) -> list[Any]:
-        """Values checked against the run-config schema: every choice, or both range ends."""
-        if self.choice is not None:
-            return list(self.choice)
-        return list(getattr(self, self.kind))
-
-
-ALIASES = {"method.lambda_": "method.lambda"}  # dotted keys written the Python way
-
-
-class SearchSpec(_Strict):
-    algorithm: Literal["optuna", "random", "grid"] = "optuna"  # optuna = seeded TPE
-    num_samples: int = Field(10, ge=1)  # trials per cell (grid: default = grid size)
-    metric: str = "val_acc"
-    mode: Literal["max", "min"] = "max"
-    seed: int = 0  # sampler seed (the same for every cell: cells see paired proposals)
-    n_startup_trials: int | None = Field(None, ge=1)  # TPE: random trials before modelling
-    space: dict[str, Distribution] = Field(default_factory=dict)
-
-    @field_validator("space", mode="before")
-    @classmethod
-    def _aliases(cls, v):
-        if isinstance(v, dict):
-            return {ALIASES.get(k, k): d for k, d in v.items()}
-        return v
-
-    @model_validator(mode="after")
-    def _grid_is_discrete(self):
-        if self.algorithm == "grid":
-            for key, dist in self.space.items():
-                if dist.grid_values() is None:
-                    raise ValueError(f"algorithm grid needs choice or int dimensions; {key} is {dist.kind}")
-        return self
-
-    def grid_size(self) -> int:
-        return math.prod(len(d.grid_values()) for d in self.space.values()) if self.space else 1
 
 
 class ASHASpec(_Strict):
@@ -144,6 +47,13 @@ class ResourcesSpec(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(0.0, ge=0.0)
     driver_cpus: float = Field(0.5, gt=0.0)  # workers > 1: CPUs of the Tune trial that drives Train
+
+    def trial_resources(self) -> dict[str, float]:
+        """One Tune trial's Ray resources: its own, or (workers > 1) the driver of a TorchTrainer whose
+        workers reserve theirs."""
+        if self.workers > 1:
+            return {"cpu": self.driver_cpus}
+        return {"cpu": self.cpus_per_worker, "gpu": self.gpus_per_worker}
 
     @model_validator(mode="after")
     def _whole_gpus_for_ddp(self):
@@ -187,6 +97,47 @@ class NoiseCell(BaseModel):  # noqa: D101 (defined after DatasetCell, which refe
 class VariantCell(_Strict):
     name: str
     set: dict[str, Any] = Field(default_factory=dict)
+    # this variant's own search space, replacing search.space (same num_samples: an equal budget), so a
+    # method searches only the keys that act on it; {} runs num_samples trials of its config as given
+    space: dict[str, Distribution] | None = None
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _aliases(cls, v):
+        return alias_keys(v)
+
+
+class FinalSpec(_Strict):
+    """The comparison protocol (docs/SWEEPS.md): each cell's best config retrained with training and
+    data seed s for every s in `seeds` (the same seeds in every cell: paired), each variant compared
+    with `baseline` per dataset × noise on `metrics` (paired t with a `confidence` t-interval)."""
+
+    seeds: int | list[int] = 5  # a count N (seeds 0..N-1) or an explicit list
+    baseline: str | None = None  # a cells.variants name; None: no comparison, multi-seed estimates only
+    metrics: list[Literal["test_acc", "test_macro_f1"]] = Field(default_factory=lambda: ["test_acc", "test_macro_f1"])
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError("a seed count must be >= 1")
+            return v
+        if not v or len(set(v)) != len(v) or any(s < 0 for s in v):
+            raise ValueError(f"seeds must be distinct non-negative integers, got {v}")
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"list at least one metric, without duplicates (got {v})")
+        return v
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
 
 class CellsSpec(_Strict):
@@ -213,6 +164,7 @@ class SweepSpec(_Strict):
     ray: RaySpec = Field(default_factory=RaySpec)
     robustness: dict[str, Any] | None = None  # passed to calray.robustness.grid.run_grid
     tracking: TrackingSpec | None = None  # MLflow / W&B (calray.sweep.tracking)
+    final: FinalSpec | None = None  # multi-seed retrains of each cell's best config + paired comparison
 
     @field_validator("name")
     @classmethod
@@ -225,6 +177,20 @@ class SweepSpec(_Strict):
     @classmethod
     def _none_scheduler(cls, v):
         return None if v in ("none", "null", "fifo") else v
+
+    @model_validator(mode="after")
+    def _variants_fit_the_protocol(self):
+        variants = self.cells.variants or []
+        own = [v.name for v in variants if v.space is not None]
+        if own and self.search.algorithm == "grid":
+            raise ValueError(f"cells.variants: {', '.join(own)} give their own space; that needs search.algorithm "
+                             "optuna or random (a grid's size would differ per variant: unequal budgets)")
+        if self.final is not None and self.final.baseline is not None:
+            names = [v.name for v in variants]
+            if self.final.baseline not in names:
+                raise ValueError(f"final.baseline: {self.final.baseline!r} is not a variant "
+                                 f"(cells.variants: {', '.join(names) or 'none'})")
+        return self
 
 
 # ---------------------------------------------------------------- cells
@@ -239,6 +205,7 @@ class Cell(BaseModel):
     variant: str | None = None
     run: dict[str, Any]  # complete, validated, paths absolute
     source: str  # where the run config came from (for messages)
+    space: dict[str, Distribution] = Field(default_factory=dict)  # search.space or the variant's own
 
     def summary(self) -> dict[str, Any]:
         n = {"kind": self.noise.get("kind", "none"), "eps": self.noise.get("eps", 0.0),
@@ -372,25 +339,38 @@ def build_cells(spec: SweepSpec, sweep_path: Path, cwd: Path | None = None) -> l
                     raise ConfigError(f"{src}: cells: two cells have the id {cid!r}; give them distinct names")
                 seen[cid] = cid
                 _validate_run(t, source, f"cell {cid}")
+                own = var is not None and var.space is not None
                 cells.append(Cell(id=cid, dataset=ds.name, noise=noise, variant=None if var is None else var.name,
-                                  run=RunConfig.model_validate(t).to_dict(), source=source))
-    _check_space(spec, cells[0], src)
+                                  run=RunConfig.model_validate(t).to_dict(), source=source,
+                                  space=var.space if own else spec.search.space))
+    _check_spaces(spec, cells, src)
     return cells
 
 
-def _check_space(spec: SweepSpec, cell: Cell, src: str) -> None:
+def _check_spaces(spec: SweepSpec, cells: list[Cell], src: str) -> None:
+    """Every distinct space, against the first cell that searches it."""
+    checked: set[str] = set()
+    own = {v.name for v in spec.cells.variants or [] if v.space is not None}
+    for cell in cells:
+        where = f"cells.variants[{cell.variant}].space" if cell.variant in own else "search.space"
+        if where not in checked:
+            checked.add(where)
+            _check_space(cell, src, where)
+
+
+def _check_space(cell: Cell, src: str, where: str) -> None:
     """Every searched key must be a run-config key taking that kind of value."""
-    for key, dist in spec.search.space.items():
+    for key, dist in cell.space.items():
         for value in dist.check_values():
             try:
                 tree = apply_overrides(cell.run, {key: value})
                 RunConfig.model_validate(tree)
             except ConfigError as e:
-                raise ConfigError(f"{src}: search.space.{key}: {e}") from None
+                raise ConfigError(f"{src}: {where}.{key}: {e}") from None
             except ValidationError as e:
                 first = e.errors()[0]
                 msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-                raise ConfigError(f"{src}: search.space.{key}: {msg} (value {value!r})") from None
+                raise ConfigError(f"{src}: {where}.{key}: {msg} (value {value!r})") from None
 
 
 def load_sweep(path: str | Path, num_samples: int | None = None, cwd: Path | None = None) -> SweepPlan:
@@ -411,9 +391,11 @@ def load_sweep(path: str | Path, num_samples: int | None = None, cwd: Path | Non
     return SweepPlan(spec=spec, path=path, cells=cells)
 
 
-def example_params(spec: SweepSpec, seed: int | None = None) -> dict[str, Any]:
+def example_params(spec: SweepSpec, cell: Cell | None = None, seed: int | None = None) -> dict[str, Any]:
+    """One trial's sampled values of `cell`'s space (default: search.space), without Ray or Optuna."""
     rng = random.Random(spec.search.seed if seed is None else seed)
-    return {k: d.sample(rng) for k, d in spec.search.space.items()}
+    space = cell.space if cell is not None else spec.search.space
+    return {k: d.sample(rng) for k, d in space.items()}
 
 
 def stored_spec(plan: SweepPlan) -> dict:
