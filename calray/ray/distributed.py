@@ -51,7 +51,7 @@ from calray.engine.trainer import RunContext, Trainer
 from calray.errors import ConfigError, TrainingError
 from calray.io import LAST_CHECKPOINT, append_jsonl, read_jsonl, write_jsonl
 from calray.models.multimodal import ModelOutput, batched_sample
-from calray.ray.session import init_ray
+from calray.ray.session import check_shared_storage, init_ray
 
 RAY_SUBDIR = "ray_train"  # Ray Train's experiment directory name, inside the run directory
 SHARED_MARKER = ".calray_shared_storage"  # written by the driver, read by every worker
@@ -476,6 +476,7 @@ def train_distributed(cfg, *, inject_failure: str | None = None) -> dict:
     started = start_ray(cfg)
     try:
         check_resources(cfg)
+        check_shared_storage(run_dir, key="distributed.storage_path", what="the run directory")
         trainer = build_torch_trainer(cfg, run_dir=run_dir, inject_failure=inject_failure)
         try:
             result = trainer.fit()

@@ -6,9 +6,12 @@ driver appends every trial event to `<sweep dir>/manifest/<cell>.jsonl` as it ha
     {"ev": "start",  "trial_id", "params"}
     {"ev": "result", "trial_id", "metrics"}            one per `ray.tune.report`
     {"ev": "end",    "trial_id", "status", "error"}     TERMINATED / PRUNED / ERROR
+    {"ev": "retry",  "trial_id", "reason", "failures"}  Tune restarts a failed trial (max_failures),
+                                                        e.g. its node died; it goes on from its last.pt
 
 Later events win (a restored trial re-reports its epochs, a retried trial ends twice), so a
-resumed sweep never duplicates a trial. From the manifest this module writes the outputs
+resumed sweep never duplicates a trial, and a retried trial is still one trial (its `retries`
+list holds the reasons). From the manifest this module writes the outputs
 (trials.parquet/.csv, cells.json, best/<cell>.yaml); it imports neither Ray nor Optuna.
 """
 
@@ -61,14 +64,15 @@ class Manifest:
         return read_jsonl(self.path)  # a line torn by a crash is skipped
 
     def trials(self) -> dict[str, dict]:
-        """trial_id → {params, epochs {epoch: row}, final, status, error}; later events win."""
+        """trial_id → {params, epochs {epoch: row}, final, status, error, retries [reason]}; later events win."""
         trials: dict[str, dict] = {}
         for ev in self.events():
             tid = ev.get("trial_id")
             if not tid:
                 continue
             t = trials.setdefault(tid, {"trial_id": tid, "params": {}, "epochs": {}, "final": None,
-                                        "status": TrialStatus.RUNNING, "error": None, "run_dir": None})
+                                        "status": TrialStatus.RUNNING, "error": None, "run_dir": None,
+                                        "retries": []})
             kind = ev.get("ev")
             if kind == "start":
                 t["params"] = ev.get("params") or t["params"]
@@ -81,6 +85,10 @@ class Manifest:
                     t["final"] = m
                 elif "epoch" in m:
                     t["epochs"][int(m["epoch"])] = m
+            elif kind == "retry":
+                t["retries"].append(ev.get("reason") or "unknown error")
+                if t["status"] not in FINISHED:
+                    t["status"] = TrialStatus.RUNNING
             elif kind == "end":
                 t["status"] = ev.get("status", TrialStatus.TERMINATED)
                 t["error"] = ev.get("error")

@@ -167,6 +167,14 @@ class SweepCallback(TrialProgress):
         self.manifest.append({"ev": "end", "trial_id": trial.trial_id, "status": TrialStatus.ERROR, "error": msg})
         super().on_trial_error(iteration, trials, trial, **info)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """Tune restarts a failed trial (max_failures): a worker node died, its process was killed,
+        or it raised. The trial goes on from its last.pt on any node; the manifest keeps why."""
+        reason = self._error_message(trial)
+        failures = getattr(getattr(trial, "run_metadata", None), "num_failures", None)
+        self.manifest.append({"ev": "retry", "trial_id": trial.trial_id, "reason": reason, "failures": failures})
+        super().on_trial_recover(iteration, trials, trial, **info)
+
     # ------------------------------------------------------------------ helpers
 
     def _count_end(self, trial_id: str, status: TrialStatus, final: dict | None):
