@@ -31,12 +31,15 @@ def _plain_test_acc(run_dir) -> float:
 
 
 def test_test_grid_one_row_per_setting_and_clean_equals_plain_accuracy(run_dir):
-    grid = {"kinds": ["gaussian", "salt_pepper"], "eps": [0, 2.5, 10], "modes": ["test"], "noise_seeds": 2}
+    grid = {"kinds": ["gaussian", "salt_pepper"], "eps": [0, 2.5, 10], "modes": ["test"], "noise_seeds": 2,
+            "test_tasks": False}  # the serial path (the Ray tasks: tests/test_robustness_axes.py)
     df = run_grid(run_dir, grid)
     assert len(df) == 2 * 3 * 2
     assert not df.duplicated(subset=["kind", "eps", "mode", "seed"]).any()
     assert set(df["seed"]) == {0, 1} and set(df["mode"]) == {"test"} and (df["status"] == "ok").all()
-    assert {"dataset", "strategy", "cell", "kind", "eps", "mode", "seed", "acc", "macro_f1"} <= set(df.columns)
+    assert {"dataset", "strategy", "cell", "kind", "attacked", "eps", "mode", "seed", "final_seed", "acc",
+            "macro_f1"} <= set(df.columns)
+    assert (df["attacked"] == "all").all() and df["final_seed"].isna().all()
     assert (df["dataset"] == "synthetic").all() and (df["strategy"] == "cal").all()
     clean = df[df["eps"] == 0]
     assert len(clean) == 4 and (clean["acc"] == _plain_test_acc(run_dir)).all()
@@ -54,7 +57,7 @@ def test_test_grid_one_row_per_setting_and_clean_equals_plain_accuracy(run_dir):
 
 def test_checkpoint_path_and_cli(run_dir, capsys):
     rc = main([str(run_dir / "checkpoints" / "best.pt"), "--kinds", "gaussian", "--eps", "0", "5",
-               "--noise-seeds", "4", "7"])
+               "--noise-seeds", "4", "7", "--serial"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "[robustness]" in out and "gaussian" in out

@@ -20,6 +20,9 @@ modality), so the same seed gives the same noise whatever the worker, epoch or o
 noise seed is independent of the training seed. `qmf_compat` reproduces QMF's Gaussian
 quirks instead: one fixed noise field (seed 0) for every image and negative values wrapping
 through the uint8 cast.
+
+`fill_missing` is the robustness grid's `missing` kind (a modality absent at test time, zero or
+training-mean input): not a `noise.kind`, it replaces the model's input tensors of a batch.
 """
 
 from __future__ import annotations
@@ -271,6 +274,36 @@ class Attack:
         if any(m in self.profile.text for m in self.modalities):
             out["text"] = {"p_sample": self.p_text, "p_word": self.p_word}
         return out
+
+
+# ---------------------------------------------------------------- missing modality (evaluation only)
+
+MISSING_FILLS = ("zero", "mean")  # what an absent modality's model input becomes
+
+
+def fill_missing(inputs: dict, fills: dict):
+    """A batch's `inputs` with each modality of `fills` replaced: the robustness grid's `missing`
+    kind (a modality absent at test time; calray.robustness.evaluation).
+
+    `fills[m]` is None (zero input: every tensor of m zeroed, a text dict's token ids, attention
+    mask and segment ids included — BERT's [PAD] everywhere) or the model input to use for every
+    sample (the training-set mean input: a tensor of one sample's shape, or a dict of them),
+    broadcast over the batch. Integer tensors have no mean and are zeroed under either rule. Not a
+    `noise.kind`: it acts on the model's input tensors after each dataset's own pipeline, not on
+    raw images, text or spectrograms, so a run config cannot select it.
+    """
+    out = dict(inputs)
+    for m, fill in fills.items():
+        out[m] = _filled(inputs[m], fill)
+    return out
+
+
+def _filled(x, fill):
+    if isinstance(x, dict):
+        return {k: _filled(v, None if fill is None else fill.get(k)) for k, v in x.items()}
+    if fill is None or not x.is_floating_point():
+        return x.new_zeros(x.shape)
+    return fill.to(device=x.device, dtype=x.dtype).expand(x.shape).clone()
 
 
 def split_attacks(noise, dataset: str) -> dict[str, Attack]:

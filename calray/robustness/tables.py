@@ -1,7 +1,9 @@
-"""The robustness grid's tables: one row per target × kind × ε × mode × seed (`make_row`), their
-summary (mean ± std and n per target × kind × ε × mode), and the files both are saved to in the
-sweep or run directory (robustness.csv/.parquet, robustness_summary.csv/.parquet,
-robustness_grid.json). Rows already saved for (cell, mode) pairs a call does not recompute are kept."""
+"""The robustness grid's tables: one row per target × kind × attacked × ε × mode × seed (`make_row`),
+their summary (mean ± std and n per cell × kind × attacked × ε × mode: a cell's final seeds are
+pooled), and the files both are saved to in the sweep or run directory (robustness.csv/.parquet,
+robustness_summary.csv/.parquet, robustness_grid.json). Rows already saved for (cell, mode) pairs a
+call does not recompute are kept. Tables written before the `attacked` / `final_seed` columns read
+as attacked 'all', final_seed missing."""
 
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ import pandas as pd
 from calray.errors import CalrayError
 from calray.io import (ROBUSTNESS_CSV, ROBUSTNESS_GRID_FILE, ROBUSTNESS_PARQUET, ROBUSTNESS_SUMMARY_CSV,
                        ROBUSTNESS_SUMMARY_PARQUET, atomic_write_bytes, write_json)
-from calray.robustness.spec import GridSpec
+from calray.robustness.spec import ALL, GridSpec
 from calray.robustness.targets import Target
 
-ROW_COLUMNS = ["dataset", "strategy", "cell", "kind", "eps", "mode", "seed", "acc", "macro_f1", "n", "loss",
-               "train_seed", "noise_seed", "status", "error", "source"]
-GROUP_COLUMNS = ["dataset", "strategy", "cell", "kind", "eps", "mode"]
+ROW_COLUMNS = ["dataset", "strategy", "cell", "kind", "attacked", "eps", "mode", "seed", "final_seed", "acc",
+               "macro_f1", "n", "loss", "train_seed", "noise_seed", "status", "error", "source"]
+GROUP_COLUMNS = ["dataset", "strategy", "cell", "kind", "attacked", "eps", "mode"]
+INT_COLUMNS = ("final_seed", "train_seed", "noise_seed", "n")
 
 
 class RowStatus(str, Enum):
@@ -34,9 +37,10 @@ class RowStatus(str, Enum):
 
 
 def make_row(target: Target, kind: str, eps: float, mode: str, seed: int, metrics: dict | None, *,
-         train_seed: int | None, noise_seed: int | None, source: str, error: str | None = None) -> dict:
+             train_seed: int | None, noise_seed: int | None, source: str, error: str | None = None,
+             attacked: str = ALL) -> dict:
     row = {"dataset": target.dataset, "strategy": target.strategy, "cell": target.cell, "kind": kind,
-           "eps": float(eps), "mode": mode, "seed": int(seed),
+           "attacked": attacked, "eps": float(eps), "mode": mode, "seed": int(seed), "final_seed": target.final_seed,
            "acc": math.nan, "macro_f1": math.nan, "n": math.nan, "loss": math.nan,
            "train_seed": train_seed, "noise_seed": noise_seed,
            "status": RowStatus.OK if error is None else RowStatus.FAILED, "error": error, "source": source}
@@ -48,10 +52,12 @@ def make_row(target: Target, kind: str, eps: float, mode: str, seed: int, metric
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """mean ± std (sample std, ddof 1; NaN when n = 1) and n per target × kind × ε × mode."""
+    """mean ± std (sample std, ddof 1; NaN when n = 1) and n per cell × kind × attacked × ε × mode
+    (over noise seeds, training seeds and a cell's final seeds)."""
     cols = GROUP_COLUMNS + ["acc_mean", "acc_std", "macro_f1_mean", "macro_f1_std", "n", "n_failed"]
     if df.empty:
         return pd.DataFrame(columns=cols)
+    df = with_new_columns(df)
     ok = df[df["status"] == RowStatus.OK]
     g = ok.groupby(GROUP_COLUMNS, sort=False, dropna=False)
     out = g.agg(acc_mean=("acc", "mean"), acc_std=("acc", "std"), macro_f1_mean=("macro_f1", "mean"),
@@ -61,16 +67,31 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     out = out.merge(failed, on=GROUP_COLUMNS, how="outer")
     out["n"] = out["n"].fillna(0).astype(int)
     out["n_failed"] = out["n_failed"].fillna(0).astype(int)
-    return out[cols].sort_values(["cell", "mode", "kind", "eps"], kind="stable").reset_index(drop=True)
+    out["_all"] = out["attacked"] != ALL  # 'all' first: a table picking one row per (kind, ε) shows it
+    out = out.sort_values(["cell", "mode", "kind", "_all", "attacked", "eps"], kind="stable")
+    return out[cols].reset_index(drop=True)
+
+
+def with_new_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with the columns older tables lack: attacked 'all', final_seed missing."""
+    if "attacked" in df.columns and "final_seed" in df.columns:
+        return df
+    df = df.copy()
+    if "attacked" not in df.columns:
+        df["attacked"] = ALL
+    if "final_seed" not in df.columns:
+        df["final_seed"] = pd.array([None] * len(df), "Int64")
+    return df
 
 
 def tidy(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=ROW_COLUMNS)
+    df = with_new_columns(df)
     extra = sorted(c for c in df.columns if c not in ROW_COLUMNS)
     df = df[[c for c in ROW_COLUMNS if c in df.columns] + extra]
-    for c in ("train_seed", "noise_seed", "n"):
+    for c in INT_COLUMNS:
         df[c] = pd.array(df[c], dtype="Int64") if df[c].notna().any() else pd.array([None] * len(df), "Int64")
     return df
 
@@ -114,6 +135,6 @@ def format_summary(summary: pd.DataFrame) -> str:
         std = "" if pd.isna(r["acc_std"]) else f" ± {r['acc_std']:.4f}"
         fail = f", {r['n_failed']} failed" if r["n_failed"] else ""
         mean = "   n/a" if pd.isna(r["acc_mean"]) else f"{r['acc_mean']:.4f}"
-        lines.append(f"  {r['cell']:<24} {r['mode']:<10} {r['kind']:<11} eps={r['eps']:<5g} "
+        lines.append(f"  {r['cell']:<24} {r['mode']:<10} {r['kind']:<11} {r['attacked']:<8} eps={r['eps']:<5g} "
                      f"acc {mean}{std} (n={r['n']}{fail})")
     return "\n".join(lines)
