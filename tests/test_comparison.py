@@ -284,3 +284,89 @@ def test_write_comparison_without_a_final_stage(tmp_path):
     (tmp_path / "final.parquet").write_bytes(b"PAR1 broken")
     with pytest.raises(ReportError, match="final.parquet: corrupt"):
         write_comparison(tmp_path)
+
+
+# ---------------------------------------------------------------- the report's Comparison section
+
+
+def fabricated_sweep(root, with_final=True, baseline="concat"):
+    """A finished sweep directory without any training: cells.json and trials.csv of two variant cells
+    (one trial each), plus a final stage's final.csv/final.json and the grid's final-seed rows."""
+    root.mkdir(parents=True)
+    final = final_table({"concat": BASE, "cal": CAL})
+    cells, trials = [], []
+    for cell, variant in final[["cell", "variant"]].drop_duplicates().itertuples(index=False):
+        cells.append({"cell": cell, "dataset": "ds", "variant": variant, "noise": {"kind": "none", "eps": 0.0,
+                      "mode": "test"}, "status": "done", "n_trials": 1, "best_trial": f"{variant}_t0"})
+        trials.append({"cell": cell, "trial_id": f"{variant}_t0", "status": "TERMINATED", "best_val_acc": 0.8,
+                       "test_acc": 0.7, "run_dir": f"runs/{cell}/{variant}_t0"})
+    (root / "cells.json").write_text(json.dumps(cells))
+    pd.DataFrame(trials).to_csv(root / "trials.csv", index=False)
+    if with_final:
+        final.to_csv(root / "final.csv", index=False)
+        (root / "final.json").write_text(json.dumps({
+            "seeds": [0, 1, 2, 3, 4], "baseline": baseline, "metrics": ["test_acc", "test_macro_f1"],
+            "confidence": 0.95, "selection": "val_acc (max) on the validation split",
+            "budget": {"concat": {"num_samples": 4, "space": ["optim.lr"]},
+                       "cal": {"num_samples": 4, "space": ["method.T", "optim.lr"]}}}))
+    grid_rows(final, seeds=range(5)).to_csv(root / "robustness.csv", index=False)
+    return final
+
+
+def _md_row(md: str, *first: str) -> list[str]:
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[:len(first)] == list(first):
+            return cells
+    raise AssertionError(f"no table row starting with {first!r}")
+
+
+def test_report_opens_with_the_comparison(tmp_path):
+    from calray.report.render import write_report
+
+    root = tmp_path / "sweep"
+    final = fabricated_sweep(root)
+    _, md_path = write_report(root)
+    md = md_path.read_text()
+    assert md.index("## Comparison: final retrains over paired seeds") < md.index("## Overview")
+    assert "comparison.csv is missing" in md  # computed in memory: no comparison.csv was written
+    comp = write_comparison(root)
+    _, md_path = write_report(root)
+    md = md_path.read_text()
+    assert "comparison.csv is missing" not in md
+    r = row(comp, "cal")
+    cells = _md_row(md, "cal", "test acc")
+    half = (r["ci_high"] - r["ci_low"]) / 2
+    assert cells[4] == f"{100 * r['delta']:+.2f} ± {100 * half:.2f}"
+    assert cells[6] == f"{r['p_value']:.4f}" and cells[7] == f"{r['p_wilcoxon']:.4f}"
+    assert cells[8] == f"{r['p_holm']:.4f}" and cells[9] == "4 / 1" and cells[10] == "5"
+    assert cells[2] == f"{100 * CAL.mean():.2f} ± {100 * CAL.std(ddof=1):.2f}"
+    auc = row(comp, "cal", "robust_auc", kind="gaussian", mode="test", attacked="all")
+    cells = _md_row(md, "cal", "test", "gaussian", "all")
+    assert cells[4] == f"{auc['mean']:.3f} ± {auc['std']:.3f}" and cells[6].startswith(f"{auc['delta']:+.3f} ± ")
+    assert _md_row(md, "ds", "none", "cal", "5 / 5")[5] == f"{100 * CAL.mean():.2f} ± {100 * CAL.std(ddof=1):.2f} (n=5)"
+    assert _md_row(md, "cal", "4", "method.T, optim.lr")  # the budget per variant
+    assert "Holm's p adjusts the paired-t p over all" in md and f"over all {len(comp)} rows" in md
+    assert (root / "report_files" / "comparison_eps_ds_none.png").is_file()
+    assert "selection results: best trial of the search, one seed, selected on validation" in md
+
+
+def test_report_without_a_final_stage_is_unchanged(tmp_path):
+    from calray.report.render import write_report
+
+    root = tmp_path / "sweep"
+    fabricated_sweep(root, with_final=False)
+    _, md_path = write_report(root)
+    md = md_path.read_text()
+    assert "Comparison" not in md.split("## Overview")[0] and "## Comparison" not in md
+    assert "selection results" not in md
+
+
+def test_report_with_no_baseline_gives_the_estimates_only(tmp_path):
+    from calray.report.render import write_report
+
+    root = tmp_path / "sweep"
+    fabricated_sweep(root, baseline=None)
+    assert write_comparison(root).empty
+    md = write_report(root)[1].read_text()
+    assert "multi-seed estimates only" in md and _md_row(md, "ds", "none", "concat", "5 / 5")

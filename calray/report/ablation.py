@@ -12,6 +12,7 @@ import pandas as pd
 from calray.io import CONFIG_FILE, SUMMARY_FILE
 from calray.registry import AIB_MODES, CONTRIBUTIONS, FUSIONS, STRATEGIES
 from calray.report.cellstats import param_columns
+from calray.report.comparison_section import selection_caption
 from calray.report.document import Section
 from calray.report.formatting import num, pct, slug
 from calray.report.loading import (CellInfo, ReportData, config_value, epoch_rows, modalities_from,
@@ -145,8 +146,9 @@ def _ablation_table(s: Section, data: ReportData, axis: str, key: tuple, cells: 
     if extra_cols:
         header += extra_cols
         body = [b + e for b, e in zip(body, extra)]
-    s.table(header, body, caption=f"{glabel} — {AXIS_LAYOUTS[axis]} (ours: best trial per value; columns marked "
-                                  f"'paper' are the paper's reported numbers)")
+    s.table(header, body, caption=selection_caption(data, f"{glabel} — {AXIS_LAYOUTS[axis]} (ours: best trial per "
+                                                          f"value; columns marked 'paper' are the paper's reported "
+                                                          f"numbers)"))
 
 
 def paper_ablation(paper: dict, axis: str, dataset: str | None, key: tuple, values: list, mods: list[str]):

@@ -296,12 +296,15 @@ def read_comparison(root: Path) -> pd.DataFrame | None:
 
 
 def comparison_of(root: Path, final: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The comparison of a sweep directory's final stage (final.csv, final.json, robustness.csv)."""
+    """The comparison of a sweep directory's final stage (final.csv, final.json, robustness.csv); no
+    rows when final.json's baseline is null (multi-seed estimates only, nothing to compare with)."""
     root = Path(root)
     final = read_final(root) if final is None else final
     if final is None:
         raise ReportError(f"{root}: no {FINAL_CSV} — the sweep has no final stage (a `final:` block)")
     spec = read_final_spec(root)
+    if spec["baseline"] is None:
+        return pd.DataFrame(columns=COLUMNS)
     return compare(final, spec["baseline"], spec.get("metrics") or DEFAULT_METRICS,
                    spec.get("confidence", 0.95), read_robustness(root))
 

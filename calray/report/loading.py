@@ -5,7 +5,9 @@ the Optuna journal's path, the robustness grid). Every reader names the file at 
 Inputs (sweep directory, the calray.sweep.runner output contract): ``cells.json``, ``trials.parquet``
 (or ``trials.csv``), ``sweep.yaml``, ``optuna.journal`` (one study per cell), ``best/<cell>.yaml``,
 each trial's run dir (``metrics.jsonl``, ``summary.json``, ``config.yaml``) and, when the grid was
-run, ``robustness.parquet``/``robustness.csv`` (calray.robustness.grid). A run directory
+run, ``robustness.parquet``/``robustness.csv`` (calray.robustness.grid); after a final stage,
+``final.parquet``/``final.csv``, ``final.json`` and ``comparison.parquet``/``comparison.csv``
+(calray.report.comparison; computed here from final.csv when the file is missing). A run directory
 (``config.yaml`` + ``metrics.jsonl``/``summary.json``) is reported as a one-cell, one-trial sweep.
 """
 
@@ -21,6 +23,7 @@ import pandas as pd
 import yaml
 
 from calray.io import CONFIG_FILE, SUMMARY_FILE
+from calray.report.comparison import comparison_of, read_comparison, read_final, read_final_spec
 from calray.report.errors import ReportError
 from calray.report.formatting import num
 from calray.report.paper_numbers import canonical_dataset
@@ -67,6 +70,10 @@ class ReportData:
     journal: Path | None
     robustness: pd.DataFrame | None
     notes: list[str] = field(default_factory=list)
+    final: pd.DataFrame | None = None  # final.csv: the final stage's retrains, one row per (cell, seed)
+    final_spec: dict | None = None  # final.json: the protocol as run
+    comparison: pd.DataFrame | None = None  # comparison.csv (or computed from final.csv)
+    comparison_note: str | None = None  # how the comparison was obtained, when not from comparison.csv
 
     def trials_of(self, cell: str) -> pd.DataFrame:
         return self.per_trial[self.per_trial["cell"] == cell]
@@ -205,9 +212,24 @@ def load_sweep(root: Path) -> ReportData:
     cells = [_cell_info(root, rec, per_trial) for rec in cells_raw]
     journal = root / "optuna.journal"
     name = (spec or {}).get("name") if isinstance(spec, dict) else None
-    return ReportData(kind="sweep", root=root, name=name or root.name,
+    data = ReportData(kind="sweep", root=root, name=name or root.name,
                       sweep_spec=spec if isinstance(spec, dict) else None, cells=cells, trials=trials,
                       per_trial=per_trial, journal=journal if journal.is_file() else None, robustness=read_robustness(root))
+    _load_final(data)
+    return data
+
+
+def _load_final(data: ReportData) -> None:
+    """final.csv, final.json and comparison.csv of a sweep with a final stage (nothing without one)."""
+    data.final = read_final(data.root)
+    if data.final is None:
+        return
+    data.final_spec = read_final_spec(data.root)
+    data.comparison = read_comparison(data.root)
+    if data.comparison is None:
+        data.comparison = comparison_of(data.root, data.final)
+        data.comparison_note = ("comparison.csv is missing: the rows below were computed from final.csv (and "
+                                "robustness.csv) by calray.report.comparison.compare for this report.")
 
 
 def load_run(root: Path) -> ReportData:

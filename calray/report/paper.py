@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from calray.report.cellstats import best_trial_row, clean_retrains, robust_summary
+from calray.report.comparison_section import selection_caption
 from calray.report.document import Section
 from calray.report.formatting import pct, pct_mean_std
 from calray.report.loading import CellInfo, ReportData
@@ -67,9 +68,21 @@ def _table_I(s: Section, data: ReportData, t1: dict, labels: dict, matched: list
         if retr:
             rows.append([f"calray {c.cell}: clean retrains"] + [pct_mean_std(retr) if d == c.paper_dataset
                                                                  else "" for d in ds])
-    s.table(header, rows, caption=t1["ref"])
+        fin = _final_test_accs(data, c.cell)
+        if fin:
+            rows.append([f"calray {c.cell}: final retrains"] + [pct_mean_std(fin) if d == c.paper_dataset
+                                                                 else "" for d in ds])
+    s.table(header, rows, caption=selection_caption(data, t1["ref"]))
     s.note(f"{t1['ref']}: {t1['notes']}")
     return True
+
+
+def _final_test_accs(data: ReportData, cell: str) -> list[float]:
+    """The test accuracies of a cell's ok final retrains (final.csv), one per seed."""
+    if data.final is None:
+        return []
+    f = data.final[(data.final["cell"] == cell) & (data.final["status"].astype(str) == "ok")]
+    return f["test_acc"].astype(float).tolist()
 
 
 def _noise_table(s: Section, data: ReportData, t: dict, block: dict, label: str, cells: list[CellInfo],
@@ -90,7 +103,8 @@ def _noise_table(s: Section, data: ReportData, t: dict, block: dict, label: str,
     header = ["method"] + [("clean ε=0" if col["kind"] == "none" else f"{col['kind']} ε={col['eps']:g}")
                            for col in t["columns"]]
     rows = _paper_rows(t, block["rows"], lambda r: [paper_str(t, v) for v in r["values"]])
-    s.table(header, rows + ours, caption=f"{t['ref']} ({t['mode']} noise)")
+    s.table(header, rows + ours, caption=selection_caption(data, f"{t['ref']} ({t['mode']} noise)")
+            if row is not None else f"{t['ref']} ({t['mode']} noise)")
     s.note(f"{t['ref']}: {t['notes']}")
     return True
 

@@ -184,3 +184,35 @@ def _band(ax, df: pd.DataFrame, col: str, color: str, label: str, ls: str = "-")
     if n.max() > 1:
         half = 1.96 * (std / np.sqrt(n)).fillna(0).to_numpy()
         ax.fill_between(x, mean.to_numpy() - half, mean.to_numpy() + half, color=color, alpha=0.2)
+
+
+def plot_eps_curves(curves: pd.DataFrame, title: str, confidence: float):
+    """Accuracy vs ε per variant, one panel per (mode, kind, attacked): the mean over final seeds and
+    its t-interval band (calray.report.comparison.curve_table), where n ≥ 2."""
+    plt = _plt()
+    panels = list(curves.groupby(["mode", "kind", "attacked"], sort=True).groups)
+    ncol = min(3, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.6 * nrow), squeeze=False)
+    variants = sorted(curves["variant"].unique())
+    for ax, (mode, kind, attacked) in zip(axes.flat, panels):
+        sub = curves[(curves["mode"] == mode) & (curves["kind"] == kind) & (curves["attacked"] == attacked)]
+        for i, v in enumerate(variants):
+            c = sub[sub["variant"] == v].sort_values("eps")
+            if c.empty:
+                continue
+            x = c["eps"].to_numpy(dtype=float)
+            ax.plot(x, c["mean"].to_numpy(dtype=float), "-o", ms=3, color=f"C{i}",
+                    label=f"{v} (n={int(c['n'].max())})")
+            lo, hi = c["ci_low"].to_numpy(dtype=float), c["ci_high"].to_numpy(dtype=float)
+            if np.isfinite(lo).any():
+                ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.2)
+        ax.set_xlabel("ε")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{kind}, {mode}, attacked: {attacked}", fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title} (bands: {100 * confidence:g}% t-interval over final seeds)")
+    fig.tight_layout()
+    return fig

@@ -17,6 +17,7 @@ from pathlib import Path
 from calray.errors import run_cli
 from calray.io import atomic_write_text
 from calray.report.ablation import section_strategies
+from calray.report.comparison_section import has_comparison, section_comparison
 from calray.report.document import Block, Section, render_html, render_md  # noqa: F401 — Block: re-exported
 from calray.report.loading import ReportData, load_directory
 from calray.report.paper import section_paper
@@ -27,7 +28,8 @@ from calray.report.studies import load_studies
 
 def build_sections(data: ReportData) -> list[Section]:
     studies = load_studies(data) if data.kind == "sweep" else {}
-    return [section_overview(data), section_cells(data), section_best_configs(data),
+    first = [section_comparison(data)] if has_comparison(data) else []
+    return first + [section_overview(data), section_cells(data), section_best_configs(data),
             section_importance(data, studies), section_history(data, studies), section_robustness(data),
             section_dynamics(data), section_strategies(data), section_paper(data)]
 

@@ -12,6 +12,7 @@ import yaml
 
 from calray.report.cellstats import (best_trial_row, clean_retrains, param_columns, robust_summary,
                                      seed_replicates, status_counts)
+from calray.report.comparison_section import selection_caption
 from calray.report.document import Section
 from calray.report.formatting import fmt, noise_label, num, pct, pct_mean_std, slug
 from calray.report.loading import ReportData, config_value, epoch_rows, modalities_from, read_metrics_jsonl
@@ -88,7 +89,8 @@ def section_cells(data: ReportData) -> Section:
         rows.append([c.cell, c.label, noise_label(c.noise)] + ([c.record.get("variant") or "—"] if variants else []) +
                     [c.record.get("status", "?"), k["trials"], k["finished"],
                      k["failed"], k["pruned"], *row_best, pct_mean_std(retr) if retr else "—"])
-    s.table(header, rows, caption="Per cell (accuracies in %; mean ± sample std over seed replicates)")
+    s.table(header, rows, caption=selection_caption(data, "Per cell (accuracies in %; mean ± sample std over seed "
+                                                              "replicates)"))
     s.p("Finished = TERMINATED, failed = ERROR, pruned = stopped by the scheduler (PRUNED). 'Over seeds' "
         "groups the trials whose searched parameters equal the best trial's and differ only in seed; "
         "'clean retrain' is the robustness grid's ε = 0 train+test retrains of the best config.")
@@ -187,11 +189,13 @@ def _robust_cell_table(summary: pd.DataFrame, cell: str) -> tuple[list[str], lis
     eps_list = sorted(sub["eps"].unique())
     header = ["mode", "kind"] + [f"ε={e:g}" for e in eps_list]
     rows = []
+    attacked = sub["attacked"].fillna("all").astype(str) if "attacked" in sub.columns else pd.Series("all", sub.index)
+    several = attacked.nunique() > 1
     for mode in ("test", "train+test"):
-        for kind in sorted(sub[sub["mode"] == mode]["kind"].unique()):
+        for kind, att in sorted(set(zip(sub[sub["mode"] == mode]["kind"], attacked[sub["mode"] == mode]))):
             cells = []
             for e in eps_list:
-                r = sub[(sub["mode"] == mode) & (sub["kind"] == kind) & (sub["eps"] == e)]
+                r = sub[(sub["mode"] == mode) & (sub["kind"] == kind) & (attacked == att) & (sub["eps"] == e)]
                 if r.empty:
                     cells.append("—")
                     continue
@@ -199,7 +203,7 @@ def _robust_cell_table(summary: pd.DataFrame, cell: str) -> tuple[list[str], lis
                 std = "" if pd.isna(r["acc_std"]) else f" ± {100 * r['acc_std']:.2f}"
                 fail = f", {int(r['n_failed'])} failed" if r["n_failed"] else ""
                 cells.append(f"{pct(r['acc_mean'])}{std} (n={int(r['n'])}{fail})")
-            rows.append([mode, kind] + cells)
+            rows.append([mode, f"{kind} (attacked: {att})" if several else kind] + cells)
     return header, rows
 
 
