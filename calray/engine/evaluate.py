@@ -27,7 +27,7 @@ def evaluate(model, loader: DataLoader, modalities: list[str], num_classes: int,
     shards summed under DDP). The model is left in eval mode."""
     model.eval()
     stats = EvalStats(modalities, num_classes, device)
-    for inputs, labels in loader:
+    for inputs, labels, *_ in loader:  # a training loader may also yield indices (Method.needs_sample_index)
         inputs = to_device(inputs, device, channels_last)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from calray.config import RunConfig
 from calray.data.base import DatasetSplits, build_datasets, dataset_labels
+from calray.data.indexed import WithIndex
 from calray.dist import all_reduce_sum, assert_ranks_agree, barrier
 from calray.engine.checkpoint import load_checkpoint, save_checkpoint
 from calray.engine.contributions import ContributionMonitor
@@ -170,11 +171,13 @@ class Trainer:
                                 num_classes=self.splits.num_classes)
         self.methods = create_methods(cfg, self.modalities, context)
         self.strategy, self.aib = self.methods[0], self.methods[-1]
+        self.own_backward = any(getattr(method, "own_backward", False) for method in self.methods)  # base.py
         self.monitor = ContributionMonitor(cfg, self.modalities, self.raw_model.fusion, self.splits.num_classes,
                                            self.device)
         self.last_contrib: dict = {}
 
-        self.train_loader = self._loader(self.splits.train, train=True)
+        needs_index = any(getattr(method, "needs_sample_index", False) for method in self.methods)
+        self.train_loader = self._loader(WithIndex(self.splits.train) if needs_index else self.splits.train, train=True)
         self.val_loader = self._loader(self.splits.val, train=False)
         self.test_loader = self._loader(self.splits.test, train=False)
         # after the loaders: a per-update schedule needs the number of updates
@@ -208,14 +211,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _forward_loss(self, inputs, labels, epoch: int, step: int):
+    def _forward_loss(self, inputs, labels, epoch: int, step: int, indices=None):
         m = self.cfg.method
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(inputs, ablation=m.phi_ablation if self.monitor.enabled else None)
         ce = {k: F.cross_entropy(v.float(), labels) for k, v in out.unimodal_logits.items()}
         loss_fused = F.cross_entropy(out.fused_logits.float(), labels)
         ce_sum = add_all(ce.values())
-        s = Step(epoch, step, labels, out, ce, log={"loss_fused": loss_fused.detach(), "loss_unimodal": ce_sum.detach()})
+        s = Step(epoch, step, labels, out, ce, log={"loss_fused": loss_fused.detach(), "loss_unimodal": ce_sum.detach()},
+                 indices=indices)
         terms = {"fused": loss_fused, "unimodal": m.unimodal_weight * ce_sum}  # eq 21's base
         for method in self.methods:
             terms = method.loss_terms(s, terms)
@@ -234,12 +238,13 @@ class Trainer:
         self.last_contrib = {f"{key}_{mod}": v for key, per_mod in values.items() for mod, v in per_mod.items()}
         return self.last_contrib
 
-    def train_step(self, inputs, labels, epoch: int, step: int, update: bool = True) -> torch.Tensor:
+    def train_step(self, inputs, labels, epoch: int, step: int, update: bool = True, indices=None) -> torch.Tensor:
         """Forward and backward on a device-resident batch; with `update`, also let the plug-ins edit
         the gradient, clip and step (otherwise the gradient accumulates: `optim.grad_accum`)."""
-        accumulating = not update and hasattr(self.model, "no_sync")  # DDP: sync only on the update
+        # DDP syncs only on the update, and never for a plug-in that synchronises its own gradients
+        accumulating = (not update or self.own_backward) and hasattr(self.model, "no_sync")
         with self.model.no_sync() if accumulating else contextlib.nullcontext():
-            s, terms = self._forward_loss(inputs, labels, epoch, step)
+            s, terms = self._forward_loss(inputs, labels, epoch, step, indices)
             loss = add_all(terms.values())
             self.guard.check((loss.detach(), s.log, epoch, step))
             accum = self.cfg.optim.grad_accum
@@ -269,13 +274,13 @@ class Trainer:
         total, accum = self.batches_per_epoch(), cfg.optim.grad_accum
         bar = self._progress(self.train_loader, total, f"epoch {epoch + 1}/{cfg.optim.epochs}")
         self.optimizer.zero_grad(set_to_none=True)
-        for step, (inputs, labels) in enumerate(bar):
+        for step, (inputs, labels, *index) in enumerate(bar):  # index: Method.needs_sample_index
             if step >= total:
                 break
             inputs = to_device(inputs, self.device, self.channels_last)
             labels = labels.to(self.device, non_blocking=True)
             update = (step + 1) % accum == 0 or step + 1 == total  # an epoch's tail updates too
-            loss = self.train_step(inputs, labels, epoch, step, update=update)
+            loss = self.train_step(inputs, labels, epoch, step, update=update, indices=index[0] if index else None)
             loss_sum += loss * len(labels)
             seen += len(labels)
             if cfg.method.update_every and (step + 1) % cfg.method.update_every == 0:

@@ -22,6 +22,19 @@ at each epoch end
 for checkpoints
     `state_dict()` / `load_state_dict(state)`.
 
+A plug-in class may also set `needs_sample_index = True`: the trainer then wraps the training set
+(calray.data.indexed.WithIndex) so each batch also carries its samples' indices into the training
+split, seen by the per-step hooks as `step.indices` (None otherwise). The index is the GLOBAL one on
+every DDP rank (the sampler shards positions of one dataset), so a per-sample history kept by a
+method (QMF's loss history) can be all-reduced/gathered consistently.
+
+A plug-in class may set `own_backward = True` when its `backward` computes gradients with
+torch.autograd.grad (MMPareto's per-loss gradients, MLA's per-modality steps): DDP's reducer hooks do
+not fire then, so the trainer runs every step's forward and backward under DDP's `no_sync` and the
+plug-in itself averages the gradients over ranks (calray.dist.all_reduce_sum / world_size) before
+anything nonlinear is computed from them, once per optimiser update (in `after_backward`), so 2 workers
+× batch b compute what 1 process × 2b does. Every parameter's `.grad` must be synchronised by it.
+
 Every hook defaults to doing nothing, so a plug-in implements only what its method does. A
 plug-in registers itself by name in a registry (calray.registry), and `create_methods` builds the
 run's plug-ins from the config: the gradient strategy (`method.strategy`) and the AIB.
@@ -52,6 +65,7 @@ class Step:
     out: object  # calray.models.multimodal.ModelOutput
     ce: dict[str, torch.Tensor]  # CE(p^m, y) per modality, unweighted (eq 21)
     log: dict[str, torch.Tensor] = field(default_factory=dict)
+    indices: torch.Tensor | None = None  # the batch's training-set indices (needs_sample_index), else None
 
 
 Evaluate = Callable[[str], dict]  # split name → that split's metrics (the loop's evaluation)

@@ -7,6 +7,10 @@ from __future__ import annotations
 import calray.method.strategies  # noqa: F401, I001 — importing registers the strategies, in this order
 import calray.method.ogm_ge  # noqa: F401, I001
 import calray.method.agm  # noqa: F401, I001
+import calray.method.arl  # noqa: F401, I001
+import calray.method.tmc  # noqa: F401, I001
+import calray.method.qmf  # noqa: F401, I001
+import calray.method.mmpareto  # noqa: F401, I001 — MMPareto (Wei & Hu, ICML 2024)
 from calray.method.asymmetric_ib import AsymmetricIB
 from calray.method.base import Method, MethodContext
 from calray.registry import STRATEGIES
