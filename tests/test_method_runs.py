@@ -61,7 +61,7 @@ def check_rows(rows: list[dict], method) -> None:
         a = [row[f"a_{m}"] for m in MODS]
         expected_a = {"cal": np_softmax(method.T * np.array(w)), "weak": np_softmax(-method.T * np.array(w)),
                       "null": [0.5, 0.5], "none": [0.0, 0.0], "ogm_ge": [0.0, 0.0],
-                      "ogm_ge_mix": [0.0, 0.0], "agm": [0.0, 0.0]}[method.strategy]
+                      "ogm_ge_mix": [0.0, 0.0], "agm": [0.0, 0.0], "arl": [0.0, 0.0]}[method.strategy]
         assert np.allclose(a, expected_a, atol=1e-12)
         # AIB's β uses softmax(T·W) whatever the gradient strategy (eq 17 on normalised a)
         assert np.allclose([row[f"beta_{m}"] for m in MODS], 1.0 - np_softmax(method.T * np.array(w)), atol=1e-12)
@@ -75,6 +75,7 @@ CASES = {
     "ogm_no_noise": {"strategy": "ogm_ge", "aib": "off", "unimodal_weight": 0, "ogm_ge_noise": False},
     "ogm_ge_mix": {"strategy": "ogm_ge_mix"},  # OGM-GE's modulation inside CAL's loss (AIB on)
     "agm": {"strategy": "agm", "aib": "off", "unimodal_weight": 0},  # docs/baselines/agm.md
+    "arl": {"strategy": "arl", "aib": "off", "params.start": 0},  # docs/baselines/arl.md
     "none": {"strategy": "none"},
     "d_plus_i": {"contribution": "d_plus_i"},
     "d_only": {"contribution": "d_only"},
