@@ -61,7 +61,8 @@ def check_rows(rows: list[dict], method) -> None:
         a = [row[f"a_{m}"] for m in MODS]
         expected_a = {"cal": np_softmax(method.T * np.array(w)), "weak": np_softmax(-method.T * np.array(w)),
                       "null": [0.5, 0.5], "none": [0.0, 0.0], "ogm_ge": [0.0, 0.0],
-                      "ogm_ge_mix": [0.0, 0.0], "agm": [0.0, 0.0], "arl": [0.0, 0.0]}[method.strategy]
+                      "ogm_ge_mix": [0.0, 0.0], "agm": [0.0, 0.0], "arl": [0.0, 0.0], "tmc": [0.0, 0.0],
+                      "qmf": [0.0, 0.0]}[method.strategy]
         assert np.allclose(a, expected_a, atol=1e-12)
         # AIB's β uses softmax(T·W) whatever the gradient strategy (eq 17 on normalised a)
         assert np.allclose([row[f"beta_{m}"] for m in MODS], 1.0 - np_softmax(method.T * np.array(w)), atol=1e-12)
@@ -76,6 +77,8 @@ CASES = {
     "ogm_ge_mix": {"strategy": "ogm_ge_mix"},  # OGM-GE's modulation inside CAL's loss (AIB on)
     "agm": {"strategy": "agm", "aib": "off", "unimodal_weight": 0},  # docs/baselines/agm.md
     "arl": {"strategy": "arl", "aib": "off", "params.start": 0},  # docs/baselines/arl.md
+    "tmc": {"strategy": "tmc", "aib": "off", "model.fusion": "tmc"},  # docs/baselines/tmc.md
+    "qmf": {"strategy": "qmf", "aib": "off", "model.fusion": "qmf"},  # docs/baselines/qmf.md
     "none": {"strategy": "none"},
     "d_plus_i": {"contribution": "d_plus_i"},
     "d_only": {"contribution": "d_only"},
@@ -107,11 +110,9 @@ def test_every_method_option_runs_from_yaml(case, tiny_cfg, tmp_path):
     cfg = tiny_cfg(name=f"m_{case}")
     path = tmp_path / "run.yaml"
     save_config(cfg, path)
-    overrides = []
-    for k, v in CASES[case].items():
-        overrides += ["--set", f"method.{k}={v}"]
-    assert train_main([str(path), *overrides]) == 0
-    run_cfg = load_config(path, [f"method.{k}={v}" for k, v in CASES[case].items()])
+    sets = [f"{k}={v}" if k.startswith("model.") else f"method.{k}={v}" for k, v in CASES[case].items()]
+    assert train_main([str(path), *[a for s in sets for a in ("--set", s)]]) == 0
+    run_cfg = load_config(path, sets)
     run_dir = run_cfg.run_dir()
     rows = rows_of(run_dir)
     assert [r["epoch"] for r in rows] == [0, 1]

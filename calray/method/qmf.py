@@ -82,6 +82,9 @@ class QMF(Method):
         n_train = int(sum(context.train_class_counts))
         self.history = {m: torch.zeros(n_train, dtype=torch.float64) for m in self.modalities}
 
+    def on_contributions(self, W):
+        return {"a": {m: 0.0 for m in self.modalities}}  # no contribution-softmax a: logged as 0
+
     def loss_terms(self, step: Step, terms):
         if step.indices is None:
             raise ConfigError("method.strategy: qmf needs the batch's sample indices (needs_sample_index)")

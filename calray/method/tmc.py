@@ -54,6 +54,9 @@ class TMC(Method):
                               f"(got {cfg.method.aib!r}): its evidential loss is on the tmc fusion's Dirichlet opinions")
         self.evidence = cfg.model.fusion_params.get("evidence", "softplus")
 
+    def on_contributions(self, W):
+        return {"a": {m: 0.0 for m in self.modalities}}  # no contribution-softmax a: logged as 0
+
     def loss_terms(self, step: Step, terms):
         coef = min(1.0, step.epoch / self.params.annealing_epochs)
         out = {f"tmc_{m}": evidential_loss(dirichlet_alpha(step.out.unimodal_logits[m].float(), self.evidence),
