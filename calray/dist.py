@@ -17,6 +17,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """The SUM over ranks of `t` (a copy; `t` itself when not distributed)."""
     if not is_distributed():

@@ -31,7 +31,7 @@ from calray.data.indexed import WithIndex
 from calray.dist import all_reduce_sum, assert_ranks_agree, barrier
 from calray.engine.checkpoint import load_checkpoint, save_checkpoint
 from calray.engine.contributions import ContributionMonitor
-from calray.engine.evaluate import evaluate, to_device
+from calray.engine.evaluate import embeddings_of, evaluate, to_device
 from calray.engine.loaders import make_loader
 from calray.engine.optim import adaptive_modulation_warnings, build_optimizer, build_scheduler
 from calray.engine.resume import check_resumable
@@ -168,7 +168,7 @@ class Trainer:
 
         counts = torch.bincount(torch.as_tensor(dataset_labels(self.splits.train)), minlength=self.splits.num_classes)
         context = MethodContext(seed=cfg.runtime.seed, train_class_counts=counts.tolist(),
-                                num_classes=self.splits.num_classes)
+                                num_classes=self.splits.num_classes, embeddings=self.split_embeddings)
         self.methods = create_methods(cfg, self.modalities, context)
         self.strategy, self.aib = self.methods[0], self.methods[-1]
         self.own_backward = any(getattr(method, "own_backward", False) for method in self.methods)  # base.py
@@ -180,6 +180,7 @@ class Trainer:
         self.train_loader = self._loader(WithIndex(self.splits.train) if needs_index else self.splits.train, train=True)
         self.val_loader = self._loader(self.splits.val, train=False)
         self.test_loader = self._loader(self.splits.test, train=False)
+        self._train_eval_loader: DataLoader | None = None  # _split_loader("train"), built on first use
         # after the loaders: a per-update schedule needs the number of updates
         self.per_update_scheduler = cfg.optim.scheduler == "linear_warmup"
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_updates())
@@ -303,11 +304,26 @@ class Trainer:
         return evaluate(self.model, loader, self.modalities, self.splits.num_classes, self.device, self.amp,
                         self.channels_last)
 
+    def _split_loader(self, split: str) -> DataLoader:
+        """The evaluation loader of a split; for "train" an unshuffled, unpadded one (built once)."""
+        if split == "train":
+            if self._train_eval_loader is None:
+                self._train_eval_loader = self._loader(self.splits.train, train=False)
+            return self._train_eval_loader
+        return {"val": self.val_loader, "test": self.test_loader}[split]
+
     def evaluate_split(self, split: str) -> dict:
         """For plug-ins' epoch-end hooks (held-out estimates); the model is back in train mode after."""
-        metrics = self.evaluate({"train": self.train_loader, "val": self.val_loader, "test": self.test_loader}[split])
+        metrics = self.evaluate(self._split_loader(split))
         self.model.train()
         return metrics
+
+    def split_embeddings(self, split: str):
+        """MethodContext.embeddings: this rank's shard of a split through the raw model (no DDP
+        collectives), in eval mode; the model is back in train mode after."""
+        out = embeddings_of(self.raw_model, self._split_loader(split), self.device, self.amp, self.channels_last)
+        self.raw_model.train()
+        return out
 
     def _progress(self, loader, total: int, desc: str):
         if not (self.cfg.runtime.progress and self.ctx.is_main):

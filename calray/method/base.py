@@ -17,8 +17,9 @@ at each contribution refresh (epoch end, or every `method.update_every` steps)
                                per-modality values to log, which ranks must agree on ({"a": {...}});
 at each epoch end
     `on_epoch_end(model, epoch, evaluate)`  edit the model (D&R's re-initialisation) or re-estimate
-                               from held-out data (`evaluate("val")` runs the loop's evaluation);
-                               returns scalars to log;
+                               from held-out data (`evaluate("val")` runs the loop's evaluation,
+                               with per-head losses `loss_<m>`); returns scalars to log;
+                               `context.embeddings(split)` gives a split's embeddings (PMR);
 for checkpoints
     `state_dict()` / `load_state_dict(state)`.
 
@@ -112,3 +113,7 @@ class MethodContext:
     seed: int
     train_class_counts: list[int]  # label histogram of the training split (H(Y) of eq 19–20)
     num_classes: int
+    # split name → (embeddings {m: N×d} as the fusion sees them, labels N) of THIS rank's shard of the
+    # split, the model in eval mode and back in train mode after (PMR's class prototypes); all-reduce
+    # what you compute from it. None outside the trainer.
+    embeddings: Callable[[str], tuple[dict[str, torch.Tensor], torch.Tensor]] | None = None
