@@ -125,6 +125,12 @@ def test_final_stage_rows_are_the_runs_summaries_reused_and_resumed(ray_local, t
         best = yaml.safe_load((sdir / "best" / f"{row.cell}.yaml").read_text())
         assert cfg["runtime"]["seed"] == cfg["data"]["seed"] == row.seed
         assert cfg["method"] == best["method"]  # the cell's best config, only the seeds differ
+    comparison = pd.read_csv(sdir / "comparison.csv")  # the sweep ends with the paired comparison
+    assert sorted(comparison.metric) == ["test_acc", "test_macro_f1"]
+    assert set(comparison.variant) == {"cal"} and set(comparison.baseline) == {"concat"}
+    assert set(comparison.n) == {2}
+    cal, concat = (df[df.variant == v].sort_values("seed").test_acc.to_numpy() for v in ("cal", "concat"))
+    assert comparison[comparison.metric == "test_acc"].delta.item() == pytest.approx((cal - concat).mean())
     meta = json.loads((sdir / "final.json").read_text())
     assert meta["seeds"] == [0, 1] and meta["baseline"] == "concat"
     assert meta["budget"] == {"cal": {"num_samples": 2, "space": ["method.T", "method.eta"]},

@@ -26,11 +26,12 @@ import yaml
 
 from calray.config import get_dotted
 from calray.errors import ConfigError, run_cli
-from calray.io import (BEST_DIR, CELLS_FILE, MANIFEST_DIR, OPTUNA_JOURNAL, RAY_DIR, RUNS_DIR, SWEEP_FILE,
-                       TRIALS_PARQUET, atomic_write_text)
+from calray.io import (BEST_DIR, CELLS_FILE, COMPARISON_CSV, MANIFEST_DIR, OPTUNA_JOURNAL, RAY_DIR, RUNS_DIR,
+                       SWEEP_FILE, TRIALS_PARQUET, atomic_write_text)
 from calray.ray.progress import progress_of, tune_callback
 from calray.ray.session import check_shared_storage, init_ray
 from calray.ray.trial import FINISHED, TIME_ATTR, TrialStatus, resolve_run_config, run_trial
+from calray.report import comparison as report_comparison
 from calray.report import render as report_render
 from calray.robustness import grid as robustness_grid
 from calray.sweep import final as sweep_final
@@ -253,26 +254,36 @@ def _final_stage(plan: SweepPlan, cells: list[Cell], sdir: Path, address: str | 
 
 def finish_hooks(plan: SweepPlan, cells: list[Cell], sdir: Path, address: str | None, quiet: bool = False) -> int:
     """The final stage (a `final:` block), the robustness grid (a `robustness:` block; `quiet` as the
-    sweep's --quiet) and the report. The grid's and the report's failures are logged and never touch
-    the sweep's outputs."""
-    status = 0
-    if plan.spec.final is not None:
+    sweep's --quiet), the comparison (final.baseline) and the report. Failures of the last three are
+    logged and never touch the sweep's outputs."""
+    spec = plan.spec
+    if spec.final is not None:
         _final_stage(plan, cells, sdir, address, quiet)
-    if plan.spec.robustness:
-        try:
-            trackers = tracking_callbacks(plan.spec.tracking, plan.spec.name, "robustness", sdir)
-            robustness_grid.run_grid(sdir, plan.spec.robustness, address, quiet=quiet, callbacks=trackers)
-        except Exception as e:  # noqa: BLE001 - the sweep's outputs are already written
-            log.exception("robustness grid failed")
-            print(f"robustness grid failed: {type(e).__name__}: {e} (sweep outputs kept)", file=sys.stderr)
-            status = 1
+    status = 0
+    if spec.robustness:
+        trackers = tracking_callbacks(spec.tracking, spec.name, "robustness", sdir)
+        status |= _guarded("robustness grid", lambda: robustness_grid.run_grid(
+            sdir, spec.robustness, address, quiet=quiet, callbacks=trackers))
+    if spec.final is not None and spec.final.baseline is not None:
+        status |= _guarded("comparison", lambda: _comparison(sdir, spec.final.baseline))
+    return status | _guarded("report", lambda: report_render.write_report(sdir))
+
+
+def _guarded(what: str, step) -> int:
     try:
-        report_render.write_report(sdir)
-    except Exception as e:  # noqa: BLE001
-        log.exception("report failed")
-        print(f"report failed: {type(e).__name__}: {e} (sweep outputs kept)", file=sys.stderr)
-        status = 1
-    return status
+        step()
+        return 0
+    except Exception as e:  # noqa: BLE001 - the sweep's outputs are already written
+        log.exception("%s failed", what)
+        print(f"{what} failed: {type(e).__name__}: {e} (sweep outputs kept)", file=sys.stderr)
+        return 1
+
+
+def _comparison(sdir: Path, baseline: str) -> None:
+    rows = report_comparison.write_comparison(sdir)
+    clean = rows[rows["kind"].isna()] if "kind" in rows else rows
+    print(f"comparison: {len(rows)} rows ({len(clean)} clean) against {baseline}, paired over the final seeds "
+          f"→ {sdir / COMPARISON_CSV}", flush=True)
 
 
 # ---------------------------------------------------------------- one cell
