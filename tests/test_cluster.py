@@ -48,7 +48,12 @@ def test_manifest_records_a_retry_and_counts_the_trial_once(tmp_path):
     cb.on_trial_start(0, [], trial)
     cb.on_trial_result(0, [], trial, {"epoch": 0, "val_acc": 0.5, FINAL_KEY: 0, "run_dir": str(run_dir)})
     err = tmp_path / "error.txt"
-    err.write_text("Failure # 1 (occurred at 2026-12-01)\nThe actor died because its node has died. Node Id: ab12\n")
+    (run_dir).mkdir()
+    (run_dir / "error.txt").write_text("TrainingError: an older attempt's error\n")  # not this failure's
+    err.write_text("Failure # 1 (occurred at 2026-12-01)\nValueError: first\n"
+                   "Failure # 2 (occurred at 2026-12-01)\nThe actor died unexpectedly before finishing this task.\n"
+                   "\tclass_name: ImplicitFunc\nThe actor died because its node has died. Node Id: ab12\n"
+                   "\tthe actor's node was terminated unexpectedly\n")
     trial.error_file = str(err)
     cb.on_trial_recover(0, [], trial)
     cb.on_trial_start(0, [], trial)

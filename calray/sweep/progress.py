@@ -170,7 +170,7 @@ class SweepCallback(TrialProgress):
     def on_trial_recover(self, iteration, trials, trial, **info):
         """Tune restarts a failed trial (max_failures): a worker node died, its process was killed,
         or it raised. The trial goes on from its last.pt on any node; the manifest keeps why."""
-        reason = self._error_message(trial)
+        reason = retry_reason(trial) or self._error_message(trial)
         failures = getattr(getattr(trial, "run_metadata", None), "num_failures", None)
         self.manifest.append({"ev": "retry", "trial_id": trial.trial_id, "reason": reason, "failures": failures})
         super().on_trial_recover(iteration, trials, trial, **info)
@@ -185,6 +185,23 @@ class SweepCallback(TrialProgress):
                 better = self._best is None or (v > self._best[0] if self.mode == "max" else v < self._best[0])
                 if better:
                     self._best = (v, trial_id)
+
+
+def retry_reason(trial) -> str | None:
+    """The latest failure of a trial Tune restarts, from Tune's error file (one block per failure,
+    the newest last; a run dir's error.txt may be an older attempt's): the line saying a node or
+    actor died when there is one, else the block's last line (a traceback's "Type: message")."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text(errors="replace") if path else ""
+    except OSError:
+        return None
+    block = text.rsplit("Failure # ", 1)[-1].splitlines()[1:] if "Failure # " in text else text.splitlines()
+    lines = [ln.strip() for ln in block if ln.strip()]
+    if not lines:
+        return None
+    died = [ln for ln in lines if "node" in ln.lower() and ("died" in ln or "dead" in ln)]
+    return (died[0] if died else lines[-1])[:500]
 
 
 def trial_dirname(trial) -> str:
