@@ -16,6 +16,7 @@ B = 32
 CASES = {  # strategy → (method section, epochs, a logged key that must have moved)
     "agm": ({"strategy": "agm", "aib": "off", "unimodal_weight": 0, "params": {"alpha": 2.0}}, 2, "agm_coeff_audio"),
     "arl": ({"strategy": "arl", "aib": "off", "params": {"start": 0, "gamma": 3.0}}, 2, "arl_w_audio"),
+    "pmr": ({"strategy": "pmr", "aib": "off", "unimodal_weight": 0, "params": {"alpha": 2.0}}, 2, "pmr_score_audio"),
 }
 
 

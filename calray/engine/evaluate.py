@@ -35,3 +35,21 @@ def evaluate(model, loader: DataLoader, modalities: list[str], num_classes: int,
         loss = F.cross_entropy(out.fused_logits.float(), labels, reduction="sum")
         stats.update(labels, out.fused_logits, out.unimodal_logits, float(loss))
     return stats.all_reduce().metrics()
+
+
+@torch.no_grad()
+def embeddings_of(model, loader: DataLoader, device: torch.device, amp: bool = False,
+                  channels_last: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every sample's embeddings (`ModelOutput.embeddings`, what the fusion sees) and labels over
+    `loader` (this rank's shard only; nothing is all-reduced). The model is left in eval mode."""
+    model.eval()
+    embs: dict[str, list[torch.Tensor]] = {}
+    labels = []
+    for inputs, y, *_ in loader:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = model(to_device(inputs, device, channels_last))
+        for m, h in out.embeddings.items():
+            embs.setdefault(m, []).append(h.float())
+        labels.append(y.to(device))
+    return {m: torch.cat(v) for m, v in embs.items()}, torch.cat(labels)
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class EvalStats:
@@ -11,6 +12,7 @@ class EvalStats:
         self.num_classes = num_classes
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
         self.unimodal_correct = torch.zeros(len(modalities), dtype=torch.float64, device=device)
+        self.unimodal_loss = torch.zeros(len(modalities), dtype=torch.float64, device=device)  # Σ CE(p^m, y)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
     @torch.no_grad()
@@ -21,13 +23,14 @@ class EvalStats:
         self.confusion += torch.bincount(y * k + pred, minlength=k * k).view(k, k).to(torch.float64)
         for i, m in enumerate(self.modalities):
             self.unimodal_correct[i] += (unimodal_logits[m].argmax(1).to(y.device) == y).sum()
+            self.unimodal_loss[i] += F.cross_entropy(unimodal_logits[m].float().to(y.device), y, reduction="sum").double()
         self.loss_sum += float(loss_sum)
 
     def all_reduce(self) -> "EvalStats":
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([self.confusion.view(-1), self.unimodal_correct, self.loss_sum.view(1)])
+            flat = torch.cat([self.confusion.view(-1), self.unimodal_correct, self.unimodal_loss, self.loss_sum.view(1)])
             device = flat.device
             if dist.get_backend() == "nccl":
                 flat = flat.cuda()
@@ -35,7 +38,9 @@ class EvalStats:
             flat = flat.to(device)
             k2 = self.num_classes ** 2
             self.confusion.copy_(flat[:k2].view_as(self.confusion))
-            self.unimodal_correct.copy_(flat[k2:k2 + len(self.modalities)])
+            M = len(self.modalities)
+            self.unimodal_correct.copy_(flat[k2:k2 + M])
+            self.unimodal_loss.copy_(flat[k2 + M:k2 + 2 * M])
             self.loss_sum.copy_(flat[-1])
         return self
 
@@ -61,4 +66,5 @@ class EvalStats:
         }
         for i, m in enumerate(self.modalities):
             out[f"acc_{m}"] = float(self.unimodal_correct[i]) / n
+            out[f"loss_{m}"] = float(self.unimodal_loss[i]) / n  # per-head loss (Gradient-Blending)
         return out
