@@ -289,11 +289,11 @@ def test_write_comparison_without_a_final_stage(tmp_path):
 # ---------------------------------------------------------------- the report's Comparison section
 
 
-def fabricated_sweep(root, with_final=True, baseline="concat"):
+def fabricated_sweep(root, with_final=True, baseline="concat", status=None):
     """A finished sweep directory without any training: cells.json and trials.csv of two variant cells
     (one trial each), plus a final stage's final.csv/final.json and the grid's final-seed rows."""
     root.mkdir(parents=True)
-    final = final_table({"concat": BASE, "cal": CAL})
+    final = final_table({"concat": BASE, "cal": CAL}, status=status)
     cells, trials = [], []
     for cell, variant in final[["cell", "variant"]].drop_duplicates().itertuples(index=False):
         cells.append({"cell": cell, "dataset": "ds", "variant": variant, "noise": {"kind": "none", "eps": 0.0,
@@ -347,6 +347,7 @@ def test_report_opens_with_the_comparison(tmp_path):
     assert _md_row(md, "ds", "none", "cal", "5 / 5")[5] == f"{100 * CAL.mean():.2f} ± {100 * CAL.std(ddof=1):.2f} (n=5)"
     assert _md_row(md, "cal", "4", "method.T, optim.lr")  # the budget per variant
     assert "Holm's p adjusts the paired-t p over all" in md and f"over all {len(comp)} rows" in md
+    assert "cannot go below 2/2ⁿ — 0.0625 with the 5 seeds here" in md
     assert (root / "report_files" / "comparison_eps_ds_none.png").is_file()
     assert "selection results: best trial of the search, one seed, selected on validation" in md
 
@@ -366,7 +367,27 @@ def test_report_with_no_baseline_gives_the_estimates_only(tmp_path):
     from calray.report.render import write_report
 
     root = tmp_path / "sweep"
-    fabricated_sweep(root, baseline=None)
+    fabricated_sweep(root, baseline=None, status={("concat", 4): "failed"})
     assert write_comparison(root).empty
     md = write_report(root)[1].read_text()
-    assert "multi-seed estimates only" in md and _md_row(md, "ds", "none", "concat", "5 / 5")
+    assert "multi-seed estimates only" in md
+    ok = BASE[:4]  # the failed seed is left out of the estimate and listed with its error
+    assert _md_row(md, "ds", "none", "concat", "4 / 5")[5] == f"{100 * ok.mean():.2f} ± {100 * ok.std(ddof=1):.2f} (n=4)"
+    assert _md_row(md, "ds__none__concat", "4", "failed", "TrainingError: boom")
+
+
+def test_robustness_section_splits_rows_by_attacked():
+    from calray.report.plots import plot_heatmaps
+    from calray.report.sections import _robust_cell_table
+
+    summary = pd.DataFrame([{"cell": "c", "mode": "test", "kind": "gaussian", "attacked": att, "eps": e,
+                             "acc_mean": acc - e / 100, "acc_std": math.nan, "n": 1, "n_failed": 0}
+                            for att, acc in (("all", 0.8), ("audio", 0.9)) for e in (0.0, 5.0)])
+    header, rows = _robust_cell_table(summary, "c")
+    assert header == ["mode", "kind", "ε=0", "ε=5"]
+    assert rows == [["test", "gaussian (attacked: all)", "80.00 (n=1)", "75.00 (n=1)"],
+                    ["test", "gaussian (attacked: audio)", "90.00 (n=1)", "85.00 (n=1)"]]
+    header, rows = _robust_cell_table(summary[summary["attacked"] == "all"], "c")
+    assert rows == [["test", "gaussian", "80.00 (n=1)", "75.00 (n=1)"]]
+    fig = plot_heatmaps(summary, "c")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["gaussian (all)", "gaussian (audio)"]

@@ -73,7 +73,8 @@ def _protocol(s: Section, data: ReportData) -> None:
         f"is compared with the baseline {spec.get('baseline')!r} over the seeds where both retrains finished: "
         f"Δ is the mean of the per-seed differences (variant − baseline; accuracies in percentage points), ± the "
         f"half-width of the {100 * conf:g}% t-interval of that mean; p is the two-sided paired t-test (reported "
-        f"because Wilcoxon's exact two-sided p cannot go below 2/2ⁿ — 0.0625 with 5 seeds); Wilcoxon's "
+        f"because Wilcoxon's exact two-sided p cannot go below 2/2ⁿ — {2 / 2 ** len(seeds):.4g} with the "
+        f"{len(seeds)} seeds here); Wilcoxon's "
         f"signed-rank p is shown beside it; Holm's p adjusts the paired-t p over all {n_rows} rows of "
         f"comparison.csv; wins / losses count the seeds where the variant is above / below the baseline.")
     if data.comparison_note:

@@ -124,6 +124,8 @@ def plot_heatmaps(summary: pd.DataFrame, cell: str):
     plt = _plt()
     modes = [m for m in ("test", "train+test") if (summary["mode"] == m).any()]
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 3.2), squeeze=False, layout="constrained")
+    if "attacked" in summary.columns and summary["attacked"].nunique() > 1:  # one heat-map row per kind × attacked
+        summary = summary.assign(kind=summary["kind"].astype(str) + " (" + summary["attacked"].astype(str) + ")")
     vals = summary["acc_mean"].astype(float)
     vmin, vmax = float(np.nanmin(vals)), float(np.nanmax(vals))
     im = None
