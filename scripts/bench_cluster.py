@@ -139,12 +139,17 @@ def main(argv=None) -> int:
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--cells", type=int, default=4)
     p.add_argument("--trials", type=int, default=6, help="trials per cell")
-    p.add_argument("--max-concurrent-trials", type=int, default=None, help="the sweep's max_concurrent_trials")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--max-concurrent-trials", type=int, default=None,
+                   help="the sweep's max_concurrent_trials (default: the slot count; 0: null, which in Ray 2.60 "
+                        "with a searcher lets Tune start one pending trial at a time)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--marginal", action="store_true", help="a second sweep with 2× trials: marginal overhead")
     p.add_argument("--out", type=Path, default=Path("runs/bench_cluster.json"))
     args = p.parse_args(argv)
+    if args.max_concurrent_trials is None:
+        args.max_concurrent_trials = int(args.nodes * args.cpus_per_node // args.cpus_per_trial)
+    args.max_concurrent_trials = args.max_concurrent_trials or None
 
     root = Path(f"/tmp/crb_{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths live under it
     runs = {}
