@@ -391,3 +391,24 @@ def test_robustness_section_splits_rows_by_attacked():
     assert rows == [["test", "gaussian", "80.00 (n=1)", "75.00 (n=1)"]]
     fig = plot_heatmaps(summary, "c")
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["gaussian (all)", "gaussian (audio)"]
+
+
+def test_curve_bands_are_t_intervals_over_final_seeds():
+    from calray.report.comparison import curve_table, robustness_means
+
+    final = final_table({"concat": BASE[:3], "cal": CAL[:3]})
+    rob = grid_rows(final)
+    rob.loc[rob["strategy"] == "concat", "acc"] = 0.5  # every concat seed agrees: the band is the point
+    c = curve_table(robustness_means(final, rob), 0.95)
+    assert len(c) == 2 * 3 and set(c["n"]) == {3}
+    r = c[(c["variant"] == "cal") & (c["eps"] == 5.0)].iloc[0]
+    v = np.array([0.68, 0.69, 0.70])  # noise seeds average out; +0.01 per final seed
+    # by hand: mean ± t_{0.975, 2} · s/√n, t_{0.975, 2} = 4.302652729749464 (from t_2's closed-form CDF:
+    # F(t) = 1/2 + t / (2√(2 + t²)), so t = √(2·q'² / (1 − q'²)) with q' = 2·0.975 − 1)
+    q = 2 * 0.975 - 1
+    t2 = math.sqrt(2 * q * q / (1 - q * q))
+    half = t2 * v.std(ddof=1) / math.sqrt(3)
+    assert r["mean"] == pytest.approx(v.mean()) and r["ci_low"] == pytest.approx(v.mean() - half)
+    assert r["ci_high"] == pytest.approx(v.mean() + half)
+    flat = c[c["variant"] == "concat"]
+    assert np.allclose(flat["ci_low"], 0.5) and np.allclose(flat["ci_high"], 0.5)

@@ -243,7 +243,8 @@ def compare(final: pd.DataFrame, baseline: str, metrics: list[str], confidence: 
 
 def curve_table(means: pd.DataFrame, confidence: float) -> pd.DataFrame:
     """Accuracy vs ε per variant over the final seeds (noise seeds averaged first): mean and the
-    t-interval of the mean (``stats.t.interval`` with n − 1 degrees of freedom; NaN for n < 2)."""
+    t-interval of the mean (``ttest_1samp(...).confidence_interval``, n − 1 degrees of freedom;
+    NaN for n < 2; the mean itself when the seeds agree exactly)."""
     cols = ["dataset", "noise", "variant", "kind", "mode", "attacked", "eps", "n", "mean", "ci_low", "ci_high"]
     rows = []
     keys = cols[:7]
@@ -251,7 +252,9 @@ def curve_table(means: pd.DataFrame, confidence: float) -> pd.DataFrame:
         v = g["acc"].dropna().to_numpy(dtype=float)
         lo = hi = math.nan
         if len(v) >= 2:
-            lo, hi = stats.t.interval(confidence, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
+            with warnings.catch_warnings():  # identical values: scipy warns, the interval is the point
+                warnings.simplefilter("ignore", RuntimeWarning)
+                lo, hi = stats.ttest_1samp(v, 0.0).confidence_interval(confidence_level=confidence)
         rows.append({**dict(zip(keys, key)), "n": len(v), "mean": float(v.mean()) if len(v) else math.nan,
                      "ci_low": float(lo), "ci_high": float(hi)})
     return pd.DataFrame(rows, columns=cols)

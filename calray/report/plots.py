@@ -209,6 +209,8 @@ def plot_eps_curves(curves: pd.DataFrame, title: str, confidence: float):
             lo, hi = c["ci_low"].to_numpy(dtype=float), c["ci_high"].to_numpy(dtype=float)
             if np.isfinite(lo).any():
                 ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.2)
+        lo_y, hi_y = ax.get_ylim()  # an interval may reach past [0, 1]; accuracy cannot
+        ax.set_ylim(max(lo_y, 0.0), min(hi_y, 1.0))
         ax.set_xlabel("ε")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{kind}, {mode}, attacked: {attacked}", fontsize=9)
