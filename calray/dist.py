@@ -31,6 +31,35 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def average_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The MEAN over ranks of each tensor, in one flat all-reduce (the tensors themselves when not
+    distributed): what DDP does to gradients, for plug-ins that compute their own (`own_backward`)."""
+    world = world_size()
+    if world == 1 or not tensors:
+        return list(tensors)
+    flat = all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors])) / world
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def gather_interleaved(t: torch.Tensor) -> torch.Tensor:
+    """A whole split from every rank's evaluation shard (rows r, r+W, r+2W, … on rank r: the
+    evaluation ShardedSampler), in the split's order, on every rank; `t` itself when not distributed."""
+    world = world_size()
+    if world == 1:
+        return t
+    sizes = [torch.zeros((), dtype=torch.long, device=t.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(len(t), device=t.device))
+    longest = int(max(sizes))
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:len(t)] = t
+    shards = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(shards, padded)
+    out = torch.empty((int(sum(sizes)), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    for r, (shard, n) in enumerate(zip(shards, sizes)):
+        out[r::world] = shard[:int(n)]
+    return out
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

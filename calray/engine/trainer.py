@@ -181,6 +181,7 @@ class Trainer:
         self.val_loader = self._loader(self.splits.val, train=False)
         self.test_loader = self._loader(self.splits.test, train=False)
         self._train_eval_loader: DataLoader | None = None  # _split_loader("train"), built on first use
+        context.steps_per_epoch = self.batches_per_epoch()  # MLA's per-epoch projector schedule
         # after the loaders: a per-update schedule needs the number of updates
         self.per_update_scheduler = cfg.optim.scheduler == "linear_warmup"
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_updates())

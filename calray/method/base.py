@@ -113,6 +113,7 @@ class MethodContext:
     seed: int
     train_class_counts: list[int]  # label histogram of the training split (H(Y) of eq 19–20)
     num_classes: int
+    steps_per_epoch: int | None = None  # training batches per epoch (set by the trainer once its loaders exist)
     # split name → (embeddings {m: N×d} as the fusion sees them, labels N) of THIS rank's shard of the
     # split, the model in eval mode and back in train mode after (PMR's class prototypes); all-reduce
     # what you compute from it. None outside the trainer.

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from calray.config import Strict
-from calray.dist import all_reduce_sum, world_size
+from calray.dist import average_over_ranks
 from calray.errors import ConfigError
 from calray.method.base import Method, Step
 from calray.registry import STRATEGIES
@@ -80,6 +80,9 @@ class MMPareto(Method):
         self._params: list[torch.nn.Parameter] = []
         self.epoch_stats: dict[str, list[float]] = {}
 
+    def on_contributions(self, W):
+        return {"a": {m: 0.0 for m in self.modalities}}  # no contribution-softmax a: logged as 0
+
     def backward(self, terms: dict[str, torch.Tensor], model) -> bool:
         raw = getattr(model, "module", model)  # DDP's wrapped model
         if not self._params:
@@ -101,15 +104,8 @@ class MMPareto(Method):
     def _global(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Both gradient lists averaged over DDP ranks, in one all-reduce."""
         fused, rest = self._grads
-        world = world_size()
-        if world == 1:
-            return fused, rest
-        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in fused + rest])) / world
-        out, offset = [], 0
-        for g in fused + rest:
-            out.append(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-        return out[:len(fused)], out[len(fused):]
+        both = average_over_ranks(fused + rest)
+        return both[:len(fused)], both[len(fused):]
 
     def after_backward(self, model, step: Step) -> None:
         if self._grads is None:
