@@ -60,7 +60,10 @@ def final_sweep(tmp_path_factory):
         summ = json.loads((rd / "summary.json").read_text())
         rows.append(["c1", "synthetic", "none", "default", s, "ok", summ["best_val_acc"], summ["test"]["acc"],
                      summ["test"]["macro_f1"], str(rd.resolve()), None])
-    rows.append(["c1", "synthetic", "none", "default", 2, "failed", None, None, None, None, "boom"])
+    failed = sdir / "final" / "runs" / "c1" / "seed2"  # a failed final trial: a run dir without a checkpoint
+    failed.mkdir()
+    (failed / "config.yaml").write_text((rd / "config.yaml").read_text())
+    rows.append(["c1", "synthetic", "none", "default", 2, "failed", None, None, None, str(failed), "boom"])
     pd.DataFrame(rows, columns=FINAL_COLUMNS).to_csv(sdir / "final.csv", index=False)
     (sdir / "cells.json").write_text(json.dumps([{"cell": "c1", "status": "ok",
                                                   "best_run_dir": str(sdir / "final" / "runs" / "c1" / "seed0")}]))

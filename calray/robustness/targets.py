@@ -13,10 +13,8 @@ import pandas as pd
 
 from calray.config import RunConfig, config_from_dict, load_config
 from calray.errors import CalrayError, ConfigError
-from calray.io import BEST_CHECKPOINT, BEST_DIR, CELLS_FILE, CHECKPOINTS_DIR, CONFIG_FILE, SUMMARY_FILE
+from calray.io import BEST_CHECKPOINT, BEST_DIR, CELLS_FILE, CHECKPOINTS_DIR, CONFIG_FILE, FINAL_CSV, SUMMARY_FILE
 from calray.robustness.spec import ALL, MISSING, GridSpec
-
-FINAL_CSV = "final.csv"  # the sweep's final stage: one row per (cell, seed) (docs/SWEEPS.md)
 
 
 def say(msg: str) -> None:
