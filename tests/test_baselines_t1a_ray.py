@@ -17,6 +17,7 @@ CASES = {  # strategy → (method section, epochs, a logged key that must have m
     "agm": ({"strategy": "agm", "aib": "off", "unimodal_weight": 0, "params": {"alpha": 2.0}}, 2, "agm_coeff_audio"),
     "arl": ({"strategy": "arl", "aib": "off", "params": {"start": 0, "gamma": 3.0}}, 2, "arl_w_audio"),
     "pmr": ({"strategy": "pmr", "aib": "off", "unimodal_weight": 0, "params": {"alpha": 2.0}}, 2, "pmr_score_audio"),
+    "gblending": ({"strategy": "gblending", "aib": "off", "params": {"super_epoch": 1}}, 3, "gblending_w_fused"),
 }
 
 
@@ -55,6 +56,10 @@ def test_two_workers_match_one_process(ray_local, tmp_path, strategy):
     for d, s in zip(dist_rows, ref_rows, strict=True):
         for key in s:
             if key.startswith(("train_loss", "val_", f"{strategy}_")) and key != "train_time_s":
-                assert d[key] == pytest.approx(s[key], rel=1e-5, abs=1e-6), key
-    assert any(abs(r[moved] - 1.0) > 1e-3 or moved.startswith(("pmr_", "gblending_w")) for r in ref_rows)
+                # G/ΔO² divides by a squared difference of losses: it amplifies the float rounding of the
+                # differently partitioned evaluation sums (seen: 2e-5 relative), hence its own tolerance
+                rel = 1e-3 if key.startswith("gblending_w") else 1e-5
+                assert d[key] == pytest.approx(s[key], rel=rel, abs=1e-6), key
+    neutral = {"agm": 1.0, "arl": 0.5, "pmr": 0.5, "gblending": 1 / 3}[strategy]  # the value if nothing acted
+    assert any(abs(r[moved] - neutral) > 1e-3 for r in ref_rows), moved
     assert_params_close(params_of(dist_cfg.run_dir()), params_of(ref.run_dir()))

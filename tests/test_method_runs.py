@@ -61,7 +61,7 @@ def check_rows(rows: list[dict], method) -> None:
         a = [row[f"a_{m}"] for m in MODS]
         expected_a = {"cal": np_softmax(method.T * np.array(w)), "weak": np_softmax(-method.T * np.array(w)),
                       "null": [0.5, 0.5], "none": [0.0, 0.0], "ogm_ge": [0.0, 0.0],
-                      "ogm_ge_mix": [0.0, 0.0], "agm": [0.0, 0.0], "arl": [0.0, 0.0], "pmr": [0.0, 0.0], "tmc": [0.0, 0.0],
+                      "ogm_ge_mix": [0.0, 0.0], "agm": [0.0, 0.0], "arl": [0.0, 0.0], "pmr": [0.0, 0.0], "gblending": [0.0, 0.0], "tmc": [0.0, 0.0],
                       "qmf": [0.0, 0.0]}[method.strategy]
         assert np.allclose(a, expected_a, atol=1e-12)
         # AIB's β uses softmax(T·W) whatever the gradient strategy (eq 17 on normalised a)
@@ -78,6 +78,7 @@ CASES = {
     "agm": {"strategy": "agm", "aib": "off", "unimodal_weight": 0},  # docs/baselines/agm.md
     "arl": {"strategy": "arl", "aib": "off", "params.start": 0},  # docs/baselines/arl.md
     "pmr": {"strategy": "pmr", "aib": "off", "unimodal_weight": 0},  # docs/baselines/pmr.md
+    "gblending": {"strategy": "gblending", "aib": "off", "params.super_epoch": 1},  # docs/baselines/gblending.md
     "tmc": {"strategy": "tmc", "aib": "off", "model.fusion": "tmc"},  # docs/baselines/tmc.md
     "qmf": {"strategy": "qmf", "aib": "off", "model.fusion": "qmf"},  # docs/baselines/qmf.md
     "none": {"strategy": "none"},

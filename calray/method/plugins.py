@@ -9,6 +9,7 @@ import calray.method.ogm_ge  # noqa: F401, I001
 import calray.method.agm  # noqa: F401, I001
 import calray.method.arl  # noqa: F401, I001
 import calray.method.pmr  # noqa: F401, I001
+import calray.method.gblending  # noqa: F401, I001
 import calray.method.tmc  # noqa: F401, I001
 import calray.method.qmf  # noqa: F401, I001
 import calray.method.mmpareto  # noqa: F401, I001 — MMPareto (Wei & Hu, ICML 2024)
