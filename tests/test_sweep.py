@@ -189,7 +189,7 @@ def test_a_restored_tuner_prints_with_the_running_sweeps_display(tmp_path):
     tune = pytest.importorskip("ray.tune")
     from calray.ray.progress import progress_of, tune_callback
     from calray.sweep.progress import SweepCallback, SweepDisplay
-    from calray.sweep.runner import _show
+    from calray.sweep.experiment import show as _show
 
     first = SweepDisplay(n_cells=3, cell_index=2, quiet=False)
     cb = SweepCallback(tmp_path / "manifest" / "c.jsonl", "c", 3, "val_acc", "max", first)

@@ -27,9 +27,10 @@ log = logging.getLogger("calray.sweep")
 @dataclass
 class SweepDisplay:
     """What the sweep's progress lines show beyond one cell's trials, and whether they print:
-    cell `cell_index` of `n_cells`, `quiet` (--quiet), a heartbeat line at most every `interval_s`
-    seconds while results arrive. One per sweep run, owned by calray.sweep.runner, which moves
-    `cell_index` on and gives it to each cell's `SweepCallback`. It belongs to this process, so
+    cell i of `n_cells` (i: the callback's own `cell_index`, else `cell_index` here), `quiet`
+    (--quiet), a heartbeat line at most every `interval_s` seconds while results arrive. One per
+    sweep run, owned by calray.sweep.runner and shared by every cell's `SweepCallback` (the cells
+    run together). It belongs to this process, so
     a callback's pickle leaves it out: a Tuner restored from tuner.pkl gets the running sweep's
     display through `SweepCallback.show`, not the one of the run that wrote the pickle.
     """
@@ -103,9 +104,10 @@ class SweepCallback(TrialProgress):
     """Appends every trial event to the cell's manifest and prints progress a person can follow."""
 
     def __init__(self, manifest_path: str, cell_id: str, num_samples: int, metric: str, mode: str,
-                 display: SweepDisplay | None = None):
+                 display: SweepDisplay | None = None, cell_index: int | None = None):
         self.manifest_path = str(manifest_path)
         self.cell_id = cell_id
+        self.cell_index = cell_index  # this cell's number in the sweep's selection (None: the display's)
         self.metric = metric
         self.mode = mode
         super().__init__(num_samples)
@@ -133,7 +135,8 @@ class SweepCallback(TrialProgress):
 
     def _head(self) -> str:
         best = f"best {self.metric} {self._best[0]:.4f} ({self._best[1]})" if self._best else "best -"
-        return (f"[cell {self._display.cell_index}/{self._display.n_cells} {self.cell_id}] "
+        index = self.cell_index or self._display.cell_index
+        return (f"[cell {index}/{self._display.n_cells} {self.cell_id}] "
                 f"{super()._head()} | {best}")
 
     def _quiet(self) -> bool:

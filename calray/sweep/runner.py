@@ -1,9 +1,11 @@
 """`python -m calray.sweep SWEEP.yaml [--address ADDR] [--resume] [--dry-run] [--cells PATTERN] [--num-samples N]`.
 
 Ray Tune + Optuna over the CAL hyper-parameters (T, η, λ, n, ...) repeated over cells
-(dataset × noise setting × variant). Optuna's searcher rejects Tune grid axes, so the cells are an
-outer loop: one Tuner and one Optuna study (`study_name = cell id`, all in one JournalStorage
-file) per cell, cells run one after another, trials of a cell run concurrently.
+(dataset × noise setting × variant). Every selected cell's trials are scheduled together in one
+Ray Tune experiment (calray.sweep.experiment): each cell keeps its own Optuna study (`study_name =
+cell id`, all in one JournalStorage file), its own ASHA brackets and its own manifest;
+`max_concurrent_trials` caps the whole sweep. A cell's outputs are rewritten when it has all its
+trials ("cells done i/N"), and at the end or on Ctrl-C.
 
 Outputs under `<ray.storage_path>/<name>/` (docs/SWEEPS.md): sweep.yaml, cells.json,
 trials.parquet + trials.csv, optuna.journal, best/<cell>.yaml, runs/<cell>/<trial_id>/, and
@@ -17,7 +19,6 @@ import fnmatch
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,17 +27,17 @@ import yaml
 
 from calray.config import get_dotted
 from calray.errors import ConfigError, run_cli
-from calray.io import (BEST_DIR, CELLS_FILE, COMPARISON_CSV, MANIFEST_DIR, OPTUNA_JOURNAL, RAY_DIR, RUNS_DIR,
-                       SWEEP_FILE, TRIALS_PARQUET, atomic_write_text)
-from calray.ray.progress import progress_of, tune_callback
+from calray.io import (BEST_DIR, CELLS_FILE, COMPARISON_CSV, MANIFEST_DIR, OPTUNA_JOURNAL, RUNS_DIR, SWEEP_FILE,
+                       TRIALS_PARQUET, atomic_write_text)
 from calray.ray.session import check_shared_storage, init_ray
-from calray.ray.trial import FINISHED, TIME_ATTR, TrialStatus, resolve_run_config, run_trial
+from calray.ray.trial import resolve_run_config
 from calray.report import comparison as report_comparison
 from calray.report import render as report_render
 from calray.robustness import grid as robustness_grid
 from calray.sweep import final as sweep_final
-from calray.sweep.outputs import Manifest, manifest_path, write_outputs
-from calray.sweep.progress import SweepCallback, SweepDisplay, cal_optuna_search, trial_dirname
+from calray.sweep.experiment import cell_run, run_search
+from calray.sweep.outputs import write_outputs
+from calray.sweep.progress import SweepDisplay
 from calray.sweep.spec import Cell, SweepPlan, example_params, load_sweep, stored_spec
 from calray.sweep.tracking import check_installed, tracking_callbacks
 
@@ -132,7 +133,8 @@ def dry_run(plan: SweepPlan, cells: list[Cell], args) -> None:
     print(f"sweep {spec.name}: {len(cells)} of {len(plan.cells)} cell(s) × {n} trial(s), "
           f"algorithm {spec.search.algorithm} (seed {spec.search.seed}), {spec.search.mode} {spec.search.metric}, "
           f"scheduler {sched}, resources {spec.resources.model_dump()}, "
-          f"max_concurrent_trials {spec.max_concurrent_trials}")
+          f"max_concurrent_trials {spec.max_concurrent_trials} (the whole sweep; per cell "
+          f"{spec.max_concurrent_trials_per_cell}), all cells' trials scheduled together")
     print(f"outputs: {sdir}")
     print("search space: " + _space_text(spec.search.space))
     print("cells:")
@@ -194,8 +196,9 @@ def _init_ray(address: str | None, plan: SweepPlan) -> None:
 
 def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, resume: bool = False,
               storage_path: str | None = None, quiet: bool = False, retry_failed: bool = False) -> int:
-    """Run (or resume) the sweep's cells one after another; write outputs after each cell; then the
-    final stage, the robustness grid and the report (`finish_hooks`)."""
+    """Run (or resume) the search over every cell's trials at once; write a cell's outputs when it
+    has all its trials, and all of them at the end; then the final stage, the robustness grid and
+    the report (`finish_hooks`)."""
     spec = plan.spec
     sdir = sweep_dir_of(plan, storage_path)
     _check_resume(plan, sdir, resume)
@@ -209,19 +212,12 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
     print(f"sweep {spec.name}: {len(cells)} cell(s) × {plan.num_samples()} trial(s) → {sdir}", flush=True)
     t0 = time.time()
     try:
-        for i, cell in enumerate(cells, 1):
-            display.cell_index = i
-            try:
-                run_cell(plan, cell, sdir, display, retry_failed=retry_failed)
-            finally:
-                records = write_outputs(plan, sdir)
-            rec = next(r for r in records if r["cell"] == cell.id)
-            best = (f"best {rec['metric']} {rec['best_value']:.4f} (trial {rec['best_trial']}, "
-                    f"test_acc {rec['best_test_acc']:.4f})" if rec["best_trial"] else "no finished trial")
-            print(f"cells done {i}/{len(cells)}: {cell.id} {rec['status']} — {rec['n_trials']} trials, "
-                  f"{rec['n_failed']} failed, {rec['n_pruned']} pruned; {best}", flush=True)
+        try:
+            run_search(plan, cells, sdir, display, retry_failed=retry_failed,
+                       on_cell_done=CellsDone(plan, cells, sdir))
+        finally:
+            write_outputs(plan, sdir)
     except KeyboardInterrupt:
-        write_outputs(plan, sdir)
         raise Interrupted(f"outputs so far are in {sdir}; continue with "
                           f"`python -m calray.sweep {plan.path} --resume`") from None
     print(f"sweep {spec.name} finished in {time.time() - t0:.0f}s: {sdir}/{CELLS_FILE}, {TRIALS_PARQUET}, "
@@ -229,6 +225,32 @@ def run_sweep(plan: SweepPlan, cells: list[Cell], address: str | None = None, re
     status = finish_hooks(plan, cells, sdir, address, quiet=quiet)
     print(f"optuna-dashboard {sdir / OPTUNA_JOURNAL}   # browse the studies", flush=True)
     return status
+
+
+class CellsDone:
+    """Hears each cell that has all its trials: rewrites the outputs and prints its "cells done
+    i/N" line, once per cell (Tune calls it from the driver's thread, at a trial's end)."""
+
+    def __init__(self, plan: SweepPlan, cells: list[Cell], sdir: Path):
+        self.plan, self.cells, self.sdir = plan, cells, sdir
+        self.done: list[str] = []
+
+    def __call__(self, cell_id: str) -> None:
+        if cell_id in self.done:
+            return
+        self.done.append(cell_id)
+        try:
+            records = write_outputs(self.plan, self.sdir)
+        except Exception as e:  # noqa: BLE001 - never stop the other cells' trials; the end rewrites them
+            log.exception("writing outputs after cell %s failed", cell_id)
+            print(f"cells done {len(self.done)}/{len(self.cells)}: {cell_id} (outputs not written: "
+                  f"{type(e).__name__}: {e})", flush=True)
+            return
+        rec = next(r for r in records if r["cell"] == cell_id)
+        best = (f"best {rec['metric']} {rec['best_value']:.4f} (trial {rec['best_trial']}, "
+                f"test_acc {rec['best_test_acc']:.4f})" if rec["best_trial"] else "no finished trial")
+        print(f"cells done {len(self.done)}/{len(self.cells)}: {cell_id} {rec['status']} — {rec['n_trials']} "
+              f"trials, {rec['n_failed']} failed, {rec['n_pruned']} pruned; {best}", flush=True)
 
 
 def run_final_only(plan: SweepPlan, cells: list[Cell], address: str | None = None,
@@ -284,194 +306,6 @@ def _comparison(sdir: Path, baseline: str) -> None:
     clean = rows[rows["kind"].isna()] if "kind" in rows else rows
     print(f"comparison: {len(rows)} rows ({len(clean)} clean) against {baseline}, paired over the final seeds "
           f"→ {sdir / COMPARISON_CSV}", flush=True)
-
-
-# ---------------------------------------------------------------- one cell
-
-
-def journal_storage(sdir: Path):
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return JournalStorage(JournalFileBackend(str(sdir / OPTUNA_JOURNAL)))
-
-
-def _sampler(plan: SweepPlan, cell: Cell, seed_offset: int):
-    import optuna
-
-    s = plan.spec.search
-    seed = s.seed + seed_offset
-    if s.algorithm == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if s.algorithm == "grid":
-        return optuna.samplers.GridSampler({k: d.grid_values() for k, d in cell.space.items()}, seed=seed)
-    kw = {"n_startup_trials": s.n_startup_trials} if s.n_startup_trials else {}
-    return optuna.samplers.TPESampler(seed=seed, **kw)
-
-
-def _domain(dist):
-    from ray import tune
-
-    if dist.choice is not None:
-        return tune.choice(list(dist.choice))
-    if dist.int is not None:
-        lo, hi = dist.int
-        return tune.lograndint(lo, hi + 1) if dist.log else tune.randint(lo, hi + 1)
-    if dist.loguniform is not None:
-        return tune.loguniform(*dist.loguniform)
-    return tune.uniform(*dist.uniform)
-
-
-def _trainable(plan: SweepPlan):
-    from ray import tune
-
-    return tune.with_resources(run_trial, plan.spec.resources.trial_resources())
-
-
-def cell_run(plan: SweepPlan, cell: Cell) -> dict:
-    """The cell's run config with the sweep's resources written into `distributed`."""
-    r = plan.spec.resources
-    run = json.loads(json.dumps(cell.run))
-    run["distributed"].update(workers=r.workers, gpu=r.gpus_per_worker > 0, cpus_per_worker=r.cpus_per_worker)
-    if r.gpus_per_worker == 0 and run["runtime"].get("device") == "auto":
-        run["runtime"]["device"] = "cpu"
-    return run
-
-
-def _new_tuner(plan: SweepPlan, cell: Cell, sdir: Path, num_samples: int, seed_offset: int,
-               display: SweepDisplay, points: list[dict] | None = None):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    spec = plan.spec
-    s = spec.search
-    param_space = {"run": cell_run(plan, cell), "runs_root": str(sdir / RUNS_DIR / cell.id),
-                   "cell": cell.id, "sweep": spec.name}
-    param_space.update({k: _domain(d) for k, d in cell.space.items()})
-    searcher = None
-    if cell.space:
-        searcher = cal_optuna_search(sampler=_sampler(plan, cell, seed_offset), storage=journal_storage(sdir),
-                                     study_name=cell.id, points_to_evaluate=points or None)
-    scheduler = None
-    if spec.scheduler and spec.scheduler.asha:
-        a = spec.scheduler.asha
-        epochs = int(cell.run["optim"]["epochs"])
-        scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=a.max_t or epochs, grace_period=a.grace_period,
-                                  reduction_factor=a.reduction_factor, stop_last_trials=False)
-    tune_config = tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
-                                  num_samples=num_samples, max_concurrent_trials=spec.max_concurrent_trials,
-                                  reuse_actors=_reuse_actors(plan), trial_dirname_creator=trial_dirname)
-    callback = SweepCallback(manifest_path(sdir, cell.id), cell.id, plan.num_samples(), s.metric, s.mode, display)
-    run_config = tune.RunConfig(name=cell.id, storage_path=str(sdir / RAY_DIR), verbose=0,
-                                callbacks=[tune_callback(callback),
-                                           *tracking_callbacks(spec.tracking, spec.name, cell.id, sdir)],
-                                failure_config=tune.FailureConfig(max_failures=spec.max_failures, fail_fast=False))
-    return tune.Tuner(_trainable(plan), param_space=param_space, tune_config=tune_config, run_config=run_config)
-
-
-def _reuse_actors(plan: SweepPlan) -> bool:
-    """Trials share processes only when they run in-process: a stopped multi-worker trial's thread
-    sits in TorchTrainer.fit and cannot end within Tune's reset timeout, and a failed reuse made
-    Tune end the experiment with the next trial never run ("Trials did not complete")."""
-    return plan.spec.ray.reuse_actors and plan.spec.resources.workers == 1
-
-
-def _retire_experiment(sdir: Path, cell: Cell, manifest: Manifest) -> None:
-    """Before a fresh Tuner replaces an unrestorable one: move Ray's dir aside, close the trials
-    it left unfinished in the manifest and in the Optuna study (they would count as running)."""
-    exp = sdir / RAY_DIR / cell.id
-    if exp.exists():
-        k = 1
-        while (exp.parent / f"{cell.id}.old{k}").exists():
-            k += 1
-        shutil.move(str(exp), str(exp.parent / f"{cell.id}.old{k}"))
-    for tid, t in manifest.trials().items():
-        if t["status"] not in (*FINISHED, TrialStatus.ABANDONED, TrialStatus.RETRIED):
-            manifest.append({"ev": "end", "trial_id": tid, "status": TrialStatus.ABANDONED, "error": None})
-    if not (sdir / OPTUNA_JOURNAL).is_file():
-        return
-    import optuna
-    from optuna.trial import TrialState
-
-    storage = journal_storage(sdir)
-    try:
-        study = optuna.load_study(study_name=cell.id, storage=storage)
-    except KeyError:
-        return
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-
-
-def run_cell(plan: SweepPlan, cell: Cell, sdir: Path, display: SweepDisplay | None = None,
-             retry_failed: bool = False) -> None:
-    """Run a cell's trials until `num_samples` have finished; restore Ray's experiment if it can.
-    `display`: the sweep's progress-line context (default: this cell alone, not quiet).
-    `retry_failed`: each failed trial is marked RETRIED and its parameters run again as a new trial
-    (the new Tuner's first points), from scratch; within a run, `max_failures` retries from checkpoints.
-
-    Raises KeyboardInterrupt when Tune stopped early on a Ctrl-C (Tune catches the signal itself,
-    saves its state and returns).
-    """
-    from ray import tune
-
-    display = display or SweepDisplay(n_cells=1, cell_index=1)
-    manifest = Manifest(manifest_path(sdir, cell.id))
-    exp = sdir / RAY_DIR / cell.id
-
-    def done(count_errors: bool = True) -> int:
-        return sum(count_errors or t["status"] != TrialStatus.ERROR for t in manifest.finished().values())
-
-    n = max(plan.num_samples(), done())  # a cell extended by --num-samples keeps its extra trials
-    if done(count_errors=not retry_failed) >= n:
-        print(f"[cell {cell.id}] {done()}/{n} trials already finished — skipped", flush=True)
-        return
-    if exp.exists() and tune.Tuner.can_restore(str(exp)):
-        try:
-            tuner = tune.Tuner.restore(str(exp), trainable=_trainable(plan), resume_unfinished=True,
-                                       resume_errored=False)
-        except Exception as e:  # noqa: BLE001 - e.g. a truncated tuner.pkl (ray#58179)
-            print(f"[cell {cell.id}] cannot restore {exp} ({type(e).__name__}: {e}); a new Tuner runs "
-                  f"the remaining trials", flush=True)
-        else:
-            print(f"[cell {cell.id}] resuming Ray experiment ({done()}/{n} trials finished)", flush=True)
-            _show(tuner, display)
-            if _fit(tuner, manifest):
-                raise KeyboardInterrupt
-    retry = []
-    if retry_failed:
-        for tid, t in manifest.trials().items():
-            if t["status"] == TrialStatus.ERROR:
-                manifest.append({"ev": "end", "trial_id": tid, "status": TrialStatus.RETRIED, "error": t["error"]})
-                retry.append(t["params"])
-    finished = done()
-    if finished >= n:
-        return
-    if exp.exists() or manifest.events():  # unrestorable, or num_samples grew: run the rest anew
-        _retire_experiment(sdir, cell, manifest)
-    tuner = _new_tuner(plan, cell, sdir, num_samples=n - finished, seed_offset=finished, display=display,
-                       points=retry)
-    if _fit(tuner, manifest) or len(manifest.finished()) < n:
-        raise KeyboardInterrupt
-
-
-def _show(tuner, display: SweepDisplay) -> None:
-    """A restored Tuner's SweepCallback comes from its tuner.pkl: give it this sweep's display."""
-    callbacks = [p for p in progress_of(tuner) if isinstance(p, SweepCallback)]
-    if not callbacks:
-        log.warning("restored Tuner: no SweepCallback found; its progress lines ignore --quiet and the cell count")
-    for callback in callbacks:
-        callback.show(display)
-
-
-def _fit(tuner, manifest: Manifest) -> bool:
-    """Tuner.fit; True when Tune stopped on a Ctrl-C before its trials finished."""
-    grid = tuner.fit()
-    analysis = getattr(grid, "_experiment_analysis", None)
-    trials = getattr(analysis, "trials", None) or []
-    ended = (TrialStatus.TERMINATED, TrialStatus.ERROR)  # Ray's Trial.status of a trial that will not run on
-    if any(getattr(t, "status", TrialStatus.TERMINATED) not in ended for t in trials):
-        return True
-    return any(t["status"] == TrialStatus.RUNNING for t in manifest.trials().values())
 
 
 if __name__ == "__main__":

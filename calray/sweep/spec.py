@@ -159,7 +159,8 @@ class SweepSpec(_Strict):
     search: SearchSpec = Field(default_factory=SearchSpec)
     scheduler: SchedulerSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)  # the whole sweep's (None: as many as the cluster holds)
+    max_concurrent_trials_per_cell: int | None = Field(None, ge=1)  # one cell's (None: no cap of its own)
     max_failures: int = Field(0, ge=0)  # retries of a failed trial (a NaN run fails again: keep 0)
     ray: RaySpec = Field(default_factory=RaySpec)
     robustness: dict[str, Any] | None = None  # passed to calray.robustness.grid.run_grid
