@@ -25,6 +25,15 @@ CASES = {
                   "unimodal_head": "separate"},
         "method": {"strategy": "mmpareto", "aib": "off", "unimodal_weight": 1.0},
     },
+    "mla": {
+        "model": {"encoders": {"audio": {"name": "mlp", "hidden": [32]}, "visual": {"name": "mlp", "hidden": [32]}},
+                  "fusion": "mla"},
+        "method": {"strategy": "mla", "aib": "off"},
+    },
+    "dr": {
+        "model": {"encoders": {"audio": {"name": "mlp", "hidden": [32]}, "visual": {"name": "mlp", "hidden": [32]}}},
+        "method": {"strategy": "dr", "aib": "off", "unimodal_weight": 0, "params": {"reinit_epoch": 1}},
+    },
 }
 
 
@@ -74,3 +83,17 @@ def test_mmpareto_two_workers_match_one_process(ray_local, tmp_path):
     rows, _ = two_workers_vs_one_process(tmp_path, "mmpareto")
     # the Pareto branch ran in the compared updates (not only the ½/½ one)
     assert any(r["mmpareto_conflict_audio"] + r["mmpareto_conflict_visual"] > 0 for r in rows)
+
+
+def test_mla_two_workers_match_one_process(ray_local, tmp_path):
+    """The projector is updated from the GLOBAL batch mean of each modality's embedding, and the
+    per-modality gradients are averaged over the ranks: the 2-worker run is the 1-process run."""
+    two_workers_vs_one_process(tmp_path, "mla")
+
+
+def test_dr_two_workers_match_one_process(ray_local, tmp_path):
+    """The re-initialisation after epoch 1 clusters the gathered features of both shards: both ranks and
+    the single process find the same purities and α, and end with the same parameters."""
+    rows, ref_rows = two_workers_vs_one_process(tmp_path, "dr")
+    assert rows[1]["dr_reinits"] == 1.0 and 0.0 < rows[1]["dr_alpha_audio"] < 1.0
+    assert rows[1]["dr_purity_val_visual"] == ref_rows[1]["dr_purity_val_visual"]

@@ -62,7 +62,7 @@ def check_rows(rows: list[dict], method) -> None:
         expected_a = {"cal": np_softmax(method.T * np.array(w)), "weak": np_softmax(-method.T * np.array(w)),
                       "null": [0.5, 0.5], "none": [0.0, 0.0], "ogm_ge": [0.0, 0.0],
                       "ogm_ge_mix": [0.0, 0.0], "agm": [0.0, 0.0], "arl": [0.0, 0.0], "pmr": [0.0, 0.0], "gblending": [0.0, 0.0], "tmc": [0.0, 0.0],
-                      "qmf": [0.0, 0.0]}[method.strategy]
+                      "qmf": [0.0, 0.0], "mmpareto": [0.0, 0.0], "mla": [0.0, 0.0], "dr": [0.0, 0.0], "eau": [0.0, 0.0]}[method.strategy]
         assert np.allclose(a, expected_a, atol=1e-12)
         # AIB's β uses softmax(T·W) whatever the gradient strategy (eq 17 on normalised a)
         assert np.allclose([row[f"beta_{m}"] for m in MODS], 1.0 - np_softmax(method.T * np.array(w)), atol=1e-12)
@@ -81,6 +81,10 @@ CASES = {
     "gblending": {"strategy": "gblending", "aib": "off", "params.super_epoch": 1},  # docs/baselines/gblending.md
     "tmc": {"strategy": "tmc", "aib": "off", "model.fusion": "tmc"},  # docs/baselines/tmc.md
     "qmf": {"strategy": "qmf", "aib": "off", "model.fusion": "qmf"},  # docs/baselines/qmf.md
+    "eau": {"strategy": "eau", "aib": "off", "unimodal_weight": 0, "model.fusion": "eau"},  # docs/baselines/eau.md
+    "mmpareto": {"strategy": "mmpareto", "aib": "off", "model.unimodal_head": "separate"},  # docs/baselines/mmpareto.md
+    "mla": {"strategy": "mla", "aib": "off", "model.fusion": "mla"},  # docs/baselines/mla.md
+    "dr": {"strategy": "dr", "aib": "off", "unimodal_weight": 0, "params.reinit_epoch": 1},  # docs/baselines/dr.md
     "none": {"strategy": "none"},
     "d_plus_i": {"contribution": "d_plus_i"},
     "d_only": {"contribution": "d_only"},

@@ -12,7 +12,10 @@ import calray.method.pmr  # noqa: F401, I001
 import calray.method.gblending  # noqa: F401, I001
 import calray.method.tmc  # noqa: F401, I001
 import calray.method.qmf  # noqa: F401, I001
+import calray.method.eau  # noqa: F401, I001 — EAU (Gao et al., CVPR 2024)
 import calray.method.mmpareto  # noqa: F401, I001 — MMPareto (Wei & Hu, ICML 2024)
+import calray.method.mla  # noqa: F401, I001 — MLA (Zhang et al., CVPR 2024)
+import calray.method.dr  # noqa: F401, I001 — Diagnosing & Re-learning (Wei et al., ECCV 2024)
 from calray.method.asymmetric_ib import AsymmetricIB
 from calray.method.base import Method, MethodContext
 from calray.registry import STRATEGIES
