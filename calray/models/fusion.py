@@ -17,7 +17,20 @@ from calray.registry import FUSIONS
 
 class Fusion(nn.Module):
     """A fusion's own hyper-parameters are its `Params` model (a calray.config.Strict), set under
-    `model.fusion_params` and read as `self.params`."""
+    `model.fusion_params` and read as `self.params`.
+
+    Joint encoders (MMTM, MMBT: the encoders exchange information before the fusion) override two
+    methods; every other fusion inherits the defaults:
+      `bind(encoders, cfg)`  called once by build_model before the model is assembled: build the
+                             parameters that depend on the encoders, check the encoders and settings
+                             the fusion needs (ConfigError naming the key); default: nothing;
+      `encode(encoders, inputs)`  the batch's embeddings {m: h_m}, replacing the independent
+                             per-modality encoding; default: each encoder on its own input.
+    The embeddings go on through the AIB heads (if any) to `forward` and `unimodal_logits` as for
+    any fusion, so the zero-fill definitions below apply to what `encode` returns; a joint fusion
+    documents what "modality m alone" then means. `modality_parameters(m)` stays encoder m (+ its
+    AIB head); parameters a joint fusion adds (transfer modules, projections) are shared.
+    """
 
     Params = None
 
@@ -28,6 +41,12 @@ class Fusion(nn.Module):
         self.dims = dict(dims)
         self.num_classes = num_classes
         self.fusion_dim = fusion_dim or min(dims.values())
+
+    def bind(self, encoders: dict[str, nn.Module], cfg) -> None:
+        return None
+
+    def encode(self, encoders, inputs: dict) -> dict[str, torch.Tensor]:
+        return {m: encoders[m](inputs[m]) for m in encoders}
 
     def forward(self, embs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

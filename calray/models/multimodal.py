@@ -68,13 +68,10 @@ class MultimodalModel(nn.Module):
     def forward(self, inputs: dict, ablation: str | None = None) -> ModelOutput:
         """`ablation` ("zero" | "mean" | None): also return, without gradient, the fused logits with
         each modality removed — its embedding zero-filled or replaced by its running mean (eq 8)."""
-        embs: dict[str, torch.Tensor] = {}
+        embs = self.fusion.encode(self.encoders, inputs)  # default: each encoder alone (Fusion.encode)
         mu, logvar = {}, {}
-        for m in self.modalities:
-            h = self.encoders[m](inputs[m])
-            if m in self.aib_heads:
-                h, mu[m], logvar[m] = self.aib_heads[m](h)
-            embs[m] = h
+        for m in self.aib_heads:
+            embs[m], mu[m], logvar[m] = self.aib_heads[m](embs[m])
         if self.training and ablation == "mean":  # the running mean is only needed by that ablation
             with torch.no_grad():
                 rate = (1.0 / (self.emb_mean_steps + 1).float()).clamp(min=EMB_MEAN_MOMENTUM)
@@ -125,6 +122,7 @@ def build_model(cfg, splits) -> MultimodalModel:
         aib_heads = {m: VariationalHead(d, cfg.method.latent_dim or d) for m, d in dims.items()}
         dims = {m: h.latent_dim for m, h in aib_heads.items()}
     fusion = build_fusion(cfg.model.fusion, dims, splits.num_classes, cfg.model.fusion_dim, cfg.model.fusion_params)
+    fusion.bind(encoders, cfg)  # a joint encoder's own parameters and checks (Fusion.bind)
     separate = None
     if cfg.model.unimodal_head == "separate" and cfg.model.fusion != "late":
         separate = {m: nn.Linear(d, splits.num_classes) for m, d in dims.items()}
