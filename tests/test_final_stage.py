@@ -181,3 +181,18 @@ def test_num_samples_extends_a_finished_sweep_and_retry_failed_reruns_a_failed_t
     assert sorted(json.dumps(t["params"], sort_keys=True) for t in new) == sorted(
         json.dumps(p, sort_keys=True) for p in failed.values())
     assert len([t for t in after.values() if t["status"] in ("TERMINATED", "PRUNED", "ERROR")]) == 4
+
+
+def test_table1_sweeps_run_every_paper_row_with_the_same_variants():
+    """sweeps/table1_{cremad,ks,ave,synthetic}.yaml: one variant per Table I row (paper_numbers.yaml's
+    `variant`), the same variants and settings on every dataset, each searching its own keys + the lr."""
+    from calray.report.paper_numbers import load_paper_numbers
+
+    rows = load_paper_numbers()["tables"]["table_I"]["rows"]
+    plans = {d: load_sweep(REPO / "sweeps" / f"table1_{d}.yaml") for d in ("cremad", "ks", "ave", "synthetic")}
+    for d, plan in plans.items():
+        variants = plan.spec.cells.variants
+        assert [v.name for v in variants] == [r["variant"] for r in rows], d
+        assert all("optim.lr" in v.space for v in variants), d
+        assert plan.spec.final.baseline == "concat" and len(plan.spec.final.seed_list) >= 5, d
+        assert [v.set for v in variants] == [v.set for v in plans["cremad"].spec.cells.variants], d

@@ -59,22 +59,33 @@ def _table_I(s: Section, data: ReportData, t1: dict, labels: dict, matched: list
     ds = [d for d in t1["columns"] if any(c.paper_dataset == d for c in clean)]
     s.h3(f"{t1['ref']}: {t1['caption']}")
     header = ["method"] + [labels[d] for d in ds]
-    rows = _paper_rows(t1, t1["rows"], lambda r: [paper_str(t1, r["values"][t1["columns"].index(d)]) for d in ds])
+    value = lambda r: [paper_str(t1, r["values"][t1["columns"].index(d)]) for d in ds]  # noqa: E731
+    by_variant = {r.get("variant"): r for r in t1["rows"]}
+    ours: dict[str | None, list[list[str]]] = {}  # a paper row's variant → our rows for it
     for c in clean:
-        best = best_trial_row(data, c)
-        rows.append([f"calray {c.cell}: best trial"] + [pct(best.get("test_acc")) if best is not None and
-                                                        d == c.paper_dataset else "" for d in ds])
-        retr = clean_retrains(data, c.cell)
-        if retr:
-            rows.append([f"calray {c.cell}: clean retrains"] + [pct_mean_std(retr) if d == c.paper_dataset
-                                                                 else "" for d in ds])
-        fin = _final_test_accs(data, c.cell)
-        if fin:
-            rows.append([f"calray {c.cell}: final retrains"] + [pct_mean_std(fin) if d == c.paper_dataset
-                                                                 else "" for d in ds])
+        variant = c.record.get("variant")
+        ours.setdefault(variant if variant in by_variant else None, []).extend(_our_rows(data, c, ds))
+    rows = []
+    for r in t1["rows"]:  # each paper row, then our cells running that method (sweeps/table1_*.yaml)
+        rows += _paper_rows(t1, [r], value) + ours.get(r.get("variant"), [])
+    rows += ours.get(None, [])
     s.table(header, rows, caption=selection_caption(data, t1["ref"]))
     s.note(f"{t1['ref']}: {t1['notes']}")
     return True
+
+
+def _our_rows(data: ReportData, c: CellInfo, ds: list[str]) -> list[list[str]]:
+    """A clean cell's rows of Table I: its best trial, clean retrains (grid) and final retrains."""
+    col = lambda text: [text if d == c.paper_dataset else "" for d in ds]  # noqa: E731
+    best = best_trial_row(data, c)
+    rows = [[f"calray {c.cell}: best trial"] + col(pct(best.get("test_acc")) if best is not None else "")]
+    retr = clean_retrains(data, c.cell)
+    if retr:
+        rows.append([f"calray {c.cell}: clean retrains"] + col(pct_mean_std(retr)))
+    fin = _final_test_accs(data, c.cell)
+    if fin:
+        rows.append([f"calray {c.cell}: final retrains"] + col(pct_mean_std(fin)))
+    return rows
 
 
 def _final_test_accs(data: ReportData, cell: str) -> list[float]:
