@@ -196,3 +196,16 @@ def test_table1_sweeps_run_every_paper_row_with_the_same_variants():
         assert all("optim.lr" in v.space for v in variants), d
         assert plan.spec.final.baseline == "concat" and len(plan.spec.final.seed_list) >= 5, d
         assert [v.set for v in variants] == [v.set for v in plans["cremad"].spec.cells.variants], d
+
+
+def test_int_ranges_validate_and_sample_integers():
+    """`{int: [lo, hi]}` (the field is named like the builtin it is typed with)."""
+    import random
+
+    from calray.sweep.space import Distribution
+
+    d = Distribution.model_validate({"int": [1, 50]})
+    assert d.grid_values() == list(range(1, 51))
+    assert all(isinstance(d.sample(random.Random(s)), int) for s in range(5))
+    with pytest.raises(Exception, match="lower bound"):
+        Distribution.model_validate({"int": [5, 1]})

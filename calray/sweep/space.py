@@ -3,6 +3,7 @@ the search settings. Light: pydantic only (no Ray, no Optuna), like calray.sweep
 
 from __future__ import annotations
 
+import builtins
 import math
 import random
 from typing import Any, Literal
@@ -19,7 +20,7 @@ class Distribution(_Strict):
 
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
-    int: tuple[int, int] | None = None
+    int: tuple[builtins.int, builtins.int] | None = None  # builtins: the field's own name shadows int here
     choice: list[Any] | None = None
     log: bool = False  # int only: sample on a log scale
 
