@@ -60,16 +60,17 @@ def refuse_foreign_dirs(runs: Sequence[FixedRun]) -> None:
 
 def run_batch(runs: Sequence[FixedRun], storage: Path, name: str, resources: dict, *, address: str | None = None,
               max_concurrent: int | None = None, max_failures: int = 0, quiet: bool = False,
-              callbacks: Sequence = (), tag: str = "batch") -> dict[int, str]:
+              callbacks: Sequence = (), tag: str = "batch", title: str | None = None) -> dict[int, str]:
     """Run `runs` as Ray Tune trials (Ray started here unless it already is); returns {index: error}
-    for the runs that failed. `tag` is the trials' sweep label (calray.ray.trial)."""
+    for the runs that failed. `tag` is the trials' sweep label (calray.ray.trial), `title` their
+    progress lines' (default: the tag)."""
     import ray
     from ray import tune
 
     started = init_ray(address, key="--address", log_to_driver=True)
     try:
         configs = [{"run": r.config, "run_dir": str(r.run_dir), "cell": r.cell, "sweep": tag} for r in runs]
-        progress = RetrainProgress([r.label for r in runs], [str(r.run_dir) for r in runs], title=tag, quiet=quiet)
+        progress = RetrainProgress([r.label for r in runs], [str(r.run_dir) for r in runs], title=title or tag, quiet=quiet)
 
         def trainable(config: dict) -> None:  # fixed configs: Tune's grid over their indices
             return run_trial(configs[config["index"]])

@@ -15,19 +15,14 @@ setting of its own (``..._<attacked>_seed<s>``). The ``missing`` kind is test-mo
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from calray.config import absolute_paths, config_from_dict, read_yaml
-from calray.engine.resume import check_resumable
-from calray.errors import CalrayError
-from calray.io import CONFIG_FILE, ROBUSTNESS_DIR, RUNS_DIR, SUMMARY_FILE
-from calray.ray.progress import RetrainProgress, tune_callback
-from calray.ray.session import init_ray
-from calray.ray.trial import run_trial
+from calray.config import absolute_paths, config_from_dict
+from calray.io import ROBUSTNESS_DIR, RUNS_DIR
+from calray.ray.batch import FixedRun, finished_summary, refuse_foreign_dirs, run_batch
 from calray.robustness.spec import ALL, MISSING, GridSpec
 from calray.robustness.tables import make_row
 from calray.robustness.targets import Target, say, with_noise
@@ -92,23 +87,13 @@ def plan_retrains(target: Target, spec: GridSpec, out_dir: Path) -> list[Retrain
     return plans
 
 
+def _fixed_run(plan: Retrain) -> FixedRun:
+    return FixedRun(plan.config, label=_retrain_label(plan), cell=plan.target.cell)
+
+
 def _finished_summary(plan: Retrain) -> dict | None:
     """The summary of an identical, finished retrain (reused instead of training again)."""
-    run_dir = plan.run_dir
-    summary_path, cfg_path = run_dir / SUMMARY_FILE, run_dir / CONFIG_FILE
-    if not (summary_path.is_file() and cfg_path.is_file()):
-        return None
-    try:
-        if read_yaml(cfg_path) != config_from_dict(plan.config).to_dict():
-            return None
-        return json.loads(summary_path.read_text())
-    except (CalrayError, OSError, json.JSONDecodeError):
-        return None
-
-
-def _trial_config(plan: "Retrain") -> dict:
-    """The calray.ray.trial.run_trial config of one retrain: the complete run config and its run dir."""
-    return {"run": plan.config, "run_dir": str(plan.run_dir), "cell": plan.target.cell, "sweep": "robustness"}
+    return finished_summary(_fixed_run(plan))
 
 
 def _setting_label(plan: Retrain) -> str:
@@ -122,46 +107,12 @@ def _retrain_label(plan: Retrain) -> str:
 
 def _run_tune(plans: list[Retrain], out_dir: Path, spec: GridSpec, address: str | None,
               quiet: bool = False, callbacks: Sequence = ()) -> dict[int, str]:
-    """Run the retrains as Ray Tune trials; returns {plan index: error message} for failed trials.
-
-    Tune's own status tables are off (``verbose=0``); the driver prints one line per retrain as it
-    ends (`calray.ray.progress.RetrainProgress`, the sweep's progress line), none when `quiet`.
-    """
-    import ray
-    from ray import tune
-
-    started = init_ray(address, key="--address", log_to_driver=True)
-    try:
-        configs = [_trial_config(p) for p in plans]
-        progress = RetrainProgress([_retrain_label(p) for p in plans], [str(p.run_dir) for p in plans],
-                                   quiet=quiet)
-
-        def trainable(config: dict) -> None:  # fixed configs: Tune's grid over their indices
-            return run_trial(configs[config["index"]])
-
-        resources = {"cpu": spec.cpus_per_trial}
-        if spec.gpus_per_trial:
-            resources["gpu"] = spec.gpus_per_trial
-        storage = (out_dir / ROBUSTNESS_DIR / TUNE_DIR).resolve()
-        storage.mkdir(parents=True, exist_ok=True)
-        name = f"train_test_{time.strftime('%Y%m%d-%H%M%S')}"
-        tuner = tune.Tuner(
-            tune.with_resources(trainable, resources),
-            param_space={"index": tune.grid_search(list(range(len(plans))))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[tune_callback(progress), *callbacks],
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
-        grid = tuner.fit()
-        errors: dict[int, str] = {}
-        for result in grid:
-            idx = (result.config or {}).get("index")
-            if idx is not None and result.error is not None:
-                errors[int(idx)] = f"{type(result.error).__name__}: {result.error}".splitlines()[0][:500]
-        return errors
-    finally:
-        if started:
-            ray.shutdown()
+    """Run the retrains as Ray Tune trials (calray.ray.batch, one progress line per retrain as it
+    ends, none when `quiet`); returns {plan index: error message} for failed trials."""
+    return run_batch([_fixed_run(p) for p in plans], out_dir / ROBUSTNESS_DIR / TUNE_DIR, "train_test",
+                     {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}, address=address,
+                     max_concurrent=spec.max_concurrent_trials, quiet=quiet, callbacks=callbacks,
+                     tag="robustness", title="robustness train+test")
 
 
 def prepare_retrains(targets: list[Target], spec: GridSpec, out_dir: Path) -> tuple[list[Retrain], list[Retrain]]:
@@ -169,9 +120,7 @@ def prepare_retrains(targets: list[Target], spec: GridSpec, out_dir: Path) -> tu
     here, before Ray starts."""
     plans = [p for t in targets for p in plan_retrains(t, spec, out_dir)]
     todo = [p for p in plans if _finished_summary(p) is None]
-    for plan in todo:
-        if plan.config["runtime"]["resume"]:
-            check_resumable(plan.run_dir, config_from_dict(plan.config).to_dict())
+    refuse_foreign_dirs([_fixed_run(p) for p in todo])
     return plans, todo
 
 
