@@ -120,7 +120,8 @@ def sweep_dir(tmp_path_factory):
     build_sweep(root, tmp)
     from calray.robustness.grid import run_grid
 
-    run_grid(root, {"kinds": ["gaussian", "salt_pepper"], "eps": [0, 5], "modes": ["test"], "noise_seeds": 2})
+    run_grid(root, {"kinds": ["gaussian", "salt_pepper"], "eps": [0, 5], "modes": ["test"], "noise_seeds": 2,
+                    "test_tasks": False})  # in-process: no Ray needed for this fixture
     return root
 
 
