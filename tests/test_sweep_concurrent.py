@@ -276,3 +276,46 @@ def test_kill_minus_nine_with_both_cells_running_then_resume(ray_local, tmp_path
         assert not [t for t in m.trials().values() if t["status"] == "RUNNING"]
     assert not df.duplicated(["trial_id", "epoch"]).any()
     assert all(c["status"] == "done" and c["n_trials"] == 3 for c in json.loads((sdir / "cells.json").read_text()))
+
+
+def test_null_cap_lets_tune_keep_as_many_trials_pending_as_the_cluster_holds(tmp_path, monkeypatch):
+    """Ray 2.60 keeps ONE trial pending when a searcher runs without max_concurrent_trials (trials
+    would start one at a time); the sweep lets it keep as many as the cluster's resources hold."""
+    import ray
+
+    from calray.sweep import experiment
+    from calray.sweep.spec import load_sweep
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    monkeypatch.delenv(experiment.PENDING_ENV, raising=False)
+    plan = load_sweep(write_sweep(tmp_path, "p", tiny_run_dict(tmp_path)))
+    assert experiment.max_pending(plan) == 8
+    gpu = load_sweep(write_sweep(tmp_path, "g", tiny_run_dict(tmp_path),
+                                 resources={"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 1}))
+    assert experiment.max_pending(gpu) == 1  # 2 GPUs / (2 workers × 1 GPU); CPUs: 8 / 2.5
+    seen = []
+    with experiment._pending_trials(plan):
+        seen.append(os.environ.get(experiment.PENDING_ENV))
+    assert seen == ["8"] and experiment.PENDING_ENV not in os.environ
+    capped = load_sweep(write_sweep(tmp_path, "c", tiny_run_dict(tmp_path), max_concurrent_trials=3))
+    with experiment._pending_trials(capped):  # a cap: Tune's ConcurrencyLimiter sets the pending count
+        assert experiment.PENDING_ENV not in os.environ
+
+
+def test_retire_moves_the_experiment_aside_and_abandons_its_unfinished_trials(tmp_path):
+    """A resume with another cell selection (or one the stored experiment cannot serve) runs the rest
+    in a new experiment: the old one's dir is kept aside, its unfinished trials close as ABANDONED."""
+    from calray.sweep.experiment import EXPERIMENT, retire
+
+    (tmp_path / "ray" / EXPERIMENT).mkdir(parents=True)
+    (tmp_path / "ray" / "A").mkdir()  # a per-cell experiment of an older calray
+    a = Manifest(tmp_path / "manifest" / "A.jsonl")
+    a.append({"ev": "start", "trial_id": "a1", "params": {}})
+    a.append({"ev": "start", "trial_id": "a2", "params": {}})
+    a.append({"ev": "end", "trial_id": "a2", "status": "TERMINATED", "error": None})
+    retire(tmp_path, ["A", "B"])
+    assert {t: v["status"] for t, v in a.trials().items()} == {"a1": "ABANDONED", "a2": "TERMINATED"}
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["A.old1", f"{EXPERIMENT}.old1"]
+    (tmp_path / "ray" / EXPERIMENT).mkdir()
+    retire(tmp_path, ["A"])
+    assert (tmp_path / "ray" / f"{EXPERIMENT}.old2").is_dir() and len(a.events()) == 4  # nothing closed twice
