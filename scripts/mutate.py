@@ -36,9 +36,11 @@ class Mutant:
     old: str
     new: str
     what: str
+    tests: tuple[str, ...] = ()  # the test files that must catch it (default: TESTS, the method tests)
 
 
 M = Mutant
+PROTOCOL_TESTS = ("tests/test_final_stage.py",)
 MUTANTS = [
     # ---- eq 21 assembly and the AIB (the bugs that passed the suite before the loss-pinning tests)
     M("beta_other_modality", "calray/method/aib.py", "def _beta(a):\n    return compression_factors(a)\n",
@@ -119,6 +121,16 @@ MUTANTS = [
       "eq 1: W = D + I instead of D × I"),
     M("refresh_window_only", "calray/engine/contributions.py", "self.epoch_stats if end_of_epoch else self.window",
       "self.window", "the epoch-end refresh reads only the last window"),
+    # ---- the comparison protocol's sweep side (calray/sweep/final.py, calray/ray/batch.py)
+    M("final_data_seed_fixed", "calray/sweep/final.py", '    tree["data"]["seed"] = seed\n', "",
+      "final retrains keep the best config's data seed (runs not paired on data)", PROTOCOL_TESTS),
+    M("final_seeds_unpaired", "calray/sweep/final.py", "cfg = final_config(best, cell, seed, sweep_dir)",
+      "cfg = final_config(best, cell, seed + len(runs) // len(plan.spec.final.seed_list), sweep_dir)",
+      "each cell retrained with its own seeds (not paired across cells)", PROTOCOL_TESTS),
+    M("final_test_is_val", "calray/sweep/final.py", 'test_acc=summary["test"]["acc"]', 'test_acc=summary["best_val_acc"]',
+      "final.csv's test accuracy taken from the validation split", PROTOCOL_TESTS),
+    M("final_reuse_any_config", "calray/ray/batch.py", "if read_yaml(cfg_path) != config_from_dict(run.config).to_dict():",
+      "if False:", "a finished run reused although its config differs", PROTOCOL_TESTS),
 ]
 
 
@@ -133,10 +145,10 @@ def copy_tree(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
-def run_tests(workdir: Path, timeout: float) -> tuple[bool, float, str]:
-    """(passed, seconds, last line) of the method tests against the copy in `workdir`."""
+def run_tests(workdir: Path, timeout: float, files: tuple[str, ...] = ()) -> tuple[bool, float, str]:
+    """(passed, seconds, last line) of the tests (default: the method tests) against the copy in `workdir`."""
     env = {**os.environ, "PYTHONPATH": str(workdir), "OMP_NUM_THREADS": "1"}
-    tests = [t for t in TESTS if (workdir / t).is_file()]
+    tests = [t for t in (files or TESTS) if (workdir / t).is_file()]
     t0 = time.time()
     try:
         res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
@@ -168,7 +180,11 @@ def main(argv=None) -> int:
         if not check.stdout.strip().startswith(str(work)):
             print(f"error: the copy's calray is not the one imported ({check.stdout.strip()})", file=sys.stderr)
             return 2
-        ok, secs, line = run_tests(work, args.timeout)
+        groups = sorted({m.tests for m in mutants})
+        ok, secs, line = True, 0.0, ""
+        for files in groups:
+            passed, took, line = run_tests(work, args.timeout, files)
+            ok, secs = ok and passed, secs + took
         print(f"unmutated: {'pass' if ok else 'FAIL'} in {secs:.0f}s ({line})", flush=True)
         if not ok:
             print("error: the unmutated tests fail; fix them before scoring mutants", file=sys.stderr)
@@ -182,7 +198,7 @@ def main(argv=None) -> int:
                 continue
             path.write_text(text.replace(m.old, m.new))
             try:
-                passed, secs, line = run_tests(work, args.timeout)
+                passed, secs, line = run_tests(work, args.timeout, m.tests)
             finally:
                 path.write_text(text)
             status = "survived" if passed else "killed"

@@ -85,6 +85,24 @@ def test_final_retrains_pair_the_same_seeds_across_cells(tmp_path):
     assert skipped == [plan.cells[0].id] and {r.cell.id for r in runs} == {plan.cells[1].id}
 
 
+def test_a_finished_run_is_reused_only_for_the_identical_config(tmp_path, tiny_cfg):
+    from calray.config import config_from_dict, save_config
+    from calray.ray.batch import FixedRun, finished_summary
+
+    tree = tiny_cfg(name="reuse").to_dict()
+    tree["runtime"]["run_name"] = "reuse"
+    cfg = config_from_dict(tree)
+    run = FixedRun(cfg.to_dict(), label="reuse")
+    run.run_dir.mkdir(parents=True)
+    assert finished_summary(run) is None  # no summary yet
+    save_config(cfg, run.run_dir / "config.yaml")
+    (run.run_dir / "summary.json").write_text(json.dumps({"test": {"acc": 0.5}}))
+    assert finished_summary(run) == {"test": {"acc": 0.5}}
+    changed = cfg.to_dict()
+    changed["optim"]["lr"] = 0.5
+    assert finished_summary(FixedRun(changed, label="reuse")) is None  # same dir, another config: run it
+
+
 # ---------------------------------------------------------------- on a local Ray
 
 
@@ -209,3 +227,4 @@ def test_int_ranges_validate_and_sample_integers():
     assert all(isinstance(d.sample(random.Random(s)), int) for s in range(5))
     with pytest.raises(Exception, match="lower bound"):
         Distribution.model_validate({"int": [5, 1]})
+
