@@ -13,6 +13,10 @@ from calray.config import config_from_dict
 # also in subprocesses and Ray workers the tests start.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One Ray auth mode for the whole session: Ray's core reads RAY_AUTH_MODE once per process, so a test
+# module that joins a token-less cluster (tests/test_cluster.py) would leave every later local
+# ray.init unable to talk to its own token-protected GCS.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def tiny_run_dict(tmp_path, **sections) -> dict:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 import threading
 from enum import Enum
 from pathlib import Path
@@ -226,7 +227,11 @@ def run_trial(config: dict) -> None:
     trial_dir = tune.get_context().get_trial_dir()
     resolved = Path(final["run_dir"]) / CONFIG_FILE
     if trial_dir and resolved.is_file():
-        shutil.copyfile(resolved, Path(trial_dir) / "run_config.yaml")
+        try:  # bookkeeping for the trackers: it must never fail a trial that trained
+            Path(trial_dir).mkdir(parents=True, exist_ok=True)  # a trial restarted on another node
+            shutil.copyfile(resolved, Path(trial_dir) / "run_config.yaml")
+        except OSError as e:
+            print(f"warning: could not copy {resolved} into the trial dir {trial_dir}: {e}", file=sys.stderr)
 
 
 def execute_trial(config: dict, report: Callable[[dict], None], trial_id: str = "trial",
