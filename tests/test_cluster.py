@@ -225,7 +225,9 @@ def test_node_loss_costs_only_its_trials_which_resume_on_the_head(cluster, tmp_p
     cluster.ensure_node_b()
     epochs = 5
     run = tiny_run_dict(tmp_path, optim={"name": "sgd", "lr": 0.05, "epochs": epochs})
-    run["data"]["params"]["n_train"] = 3000  # epochs of about a second: the node dies mid-trial
+    # epochs of a few seconds even on an idle machine: a trial must not finish between the raylet's
+    # death and its detection (at 3000 samples both trials ended 3.8 s after the kill, unretried)
+    run["data"]["params"]["n_train"] = 15000
     path = _sweep_file(tmp_path, "nodeloss", cluster.shared / "sweeps", run=run, max_concurrent_trials=2,
                        max_failures=1, search={"num_samples": 2, "seed": 0, "space": {}})
     sdir = cluster.shared / "sweeps" / "nodeloss"

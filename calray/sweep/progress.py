@@ -58,6 +58,7 @@ def _rebuild_search(state: dict):
 
 @functools.cache
 def _search_class():
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState  # heavy: imported when a sweep runs
     from ray.tune.search.optuna import OptunaSearch
 
@@ -75,7 +76,12 @@ def _search_class():
         def on_trial_result(self, trial_id: str, result: dict):
             with warnings.catch_warnings():  # a resumed trial re-reports steps Optuna already has
                 warnings.filterwarnings("ignore", message=".*is already reported.*")
-                super().on_trial_result(trial_id, result)
+                try:
+                    super().on_trial_result(trial_id, result)
+                except UpdateFinishedTrialError:
+                    # a restored trial whose Optuna trial a resume already closed (the driver was
+                    # killed between Tune's last state save and the trial's end): its record is final
+                    log.info("optuna: trial %s is already finished in its study; result not recorded", trial_id)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             if (not error and result is not None and result.get(FINAL_KEY) != 1
@@ -92,7 +98,10 @@ def _search_class():
                     log.warning("optuna: could not mark trial %s pruned: %s", trial_id, e)
                 self._completed_trials.add(trial_id)
                 return
-            super().on_trial_complete(trial_id, result=result, error=error)
+            try:
+                super().on_trial_complete(trial_id, result=result, error=error)
+            except UpdateFinishedTrialError:  # as in on_trial_result: closed by a resume already
+                log.info("optuna: trial %s is already finished in its study; completion not recorded", trial_id)
 
     return CalOptunaSearch
 
