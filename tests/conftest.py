@@ -47,3 +47,21 @@ def tiny_cfg(tmp_path):
         return config_from_dict(tiny_run_dict(tmp_path, **sections), "tiny")
 
     return make
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance per test module (4 logical CPUs) for Ray Train tests."""
+    ray = pytest.importorskip("ray")
+    with pytest.MonkeyPatch.context() as mp:
+        # a worker group that cannot start fails in 45 s instead of Ray's 60 s × infinite retries;
+        # these variables are propagated from the driver to Ray Train's controller and workers
+        mp.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "45")
+        mp.setenv("RAY_DEDUP_LOGS", "0")
+        # the dashboard stays on: without its State API, Ray Train's PlacementGroupCleaner logs
+        # "Failed to query Ray Train Controller actor state" every few seconds
+        ray.init(address="local", num_cpus=4, object_store_memory=300 * 1024**2, log_to_driver=True)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()

@@ -22,18 +22,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "45")
-        mp.setenv("RAY_DEDUP_LOGS", "0")
-        ray.init(address="local", num_cpus=4, object_store_memory=300 * 1024**2, log_to_driver=True)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
-
 
 def tree_for(tmp, out: str, name: str, batch: int) -> dict:
     model, method = CASES[name]

@@ -26,18 +26,6 @@ REL_UPDATE_TOL = 0.05
 B = 6  # global batch: the fixtures' 6 training samples; each worker takes 3
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "45")
-        mp.setenv("RAY_DEDUP_LOGS", "0")
-        ray.init(address="local", num_cpus=4, object_store_memory=300 * 1024**2, log_to_driver=True)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
-
 
 def overrides(layout: str, tmp, out: str, batch: int) -> dict:
     ov = fixture_overrides(layout, tmp)

@@ -21,18 +21,6 @@ METHOD = {"strategy": "eau", "aib": "off", "unimodal_weight": 0,
           "params": {"modulation_start": 0, "zeta": 5.0, "contrastive_weight": 1.0}}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "45")
-        mp.setenv("RAY_DEDUP_LOGS", "0")
-        ray.init(address="local", num_cpus=4, object_store_memory=300 * 1024**2, log_to_driver=True)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
-
 
 def tree_for(tmp, out: str, batch: int) -> dict:
     tree = dist_tree(tmp, out, batch=batch, epochs=2, model=MODEL, method=METHOD)

@@ -162,22 +162,6 @@ def test_config_errors_are_raised_before_ray_starts(tiny_cfg):
 # ------------------------------------------------------------------ Ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    with pytest.MonkeyPatch.context() as mp:
-        # a worker group that cannot start fails in 45 s instead of Ray's 60 s × infinite retries;
-        # these variables are propagated from the driver to Ray Train's controller and workers
-        mp.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "45")
-        mp.setenv("RAY_DEDUP_LOGS", "0")
-        # the dashboard stays on: without its State API, Ray Train's PlacementGroupCleaner logs
-        # "Failed to query Ray Train Controller actor state" every few seconds
-        ray.init(address="local", num_cpus=4, object_store_memory=300 * 1024**2, log_to_driver=True)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
-
 
 @pytest.fixture(scope="module")
 def dist_run(ray_local, tmp_path_factory):
