@@ -22,6 +22,27 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
+def check_seeds(v: int | list[int]) -> int | list[int]:
+    """A seed spec of a sweep or grid file: a count N ≥ 1 (seeds 0..N-1) or a list of distinct seeds ≥ 0."""
+    if isinstance(v, int):
+        if v < 1:
+            raise ValueError("a seed count must be >= 1")
+        return v
+    if not v:
+        raise ValueError("must list at least one seed")
+    if len(set(v)) != len(v):
+        raise ValueError(f"duplicate seeds in {v}")
+    for i, seed in enumerate(v):
+        if seed < 0:
+            raise ValueError(f"seed {seed} (item {i}) must be >= 0")
+    return v
+
+
+def seed_list(v: int | list[int]) -> list[int]:
+    """The seeds of a seed spec (`check_seeds`)."""
+    return list(range(v)) if isinstance(v, int) else list(v)
+
+
 def plugin_params(registry, name: str, params: dict | None) -> dict:
     """A plug-in's own hyper-parameters (`method.params` for a strategy, `model.fusion_params` for a
     fusion) validated by the `Params` model the plug-in class declares, defaults filled in so the

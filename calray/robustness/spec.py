@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from calray.config import validation_error_message
+from calray.config import check_seeds, seed_list, validation_error_message
 from calray.errors import ConfigError
 
 KINDS = ("gaussian", "salt_pepper", "missing")
@@ -56,18 +56,7 @@ class GridSpec(BaseModel):
     @field_validator("noise_seeds", "train_seeds")
     @classmethod
     def _seeds(cls, v):
-        if isinstance(v, int):
-            if v < 1:
-                raise ValueError("a seed count must be >= 1")
-            return v
-        if not v:
-            raise ValueError("must list at least one seed")
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate seeds in {v}")
-        for i, seed in enumerate(v):
-            if seed < 0:
-                raise ValueError(f"seed {seed} (item {i}) must be >= 0")
-        return v
+        return check_seeds(v)
 
     @model_validator(mode="after")
     def _missing_is_test_only(self):
@@ -76,17 +65,13 @@ class GridSpec(BaseModel):
                              "add 'test' to modes or drop 'missing' from kinds")
         return self
 
-    @staticmethod
-    def _seed_list(v: int | list[int]) -> list[int]:
-        return list(range(v)) if isinstance(v, int) else list(v)
-
     @property
     def noise_seed_list(self) -> list[int]:
-        return self._seed_list(self.noise_seeds)
+        return seed_list(self.noise_seeds)
 
     @property
     def train_seed_list(self) -> list[int]:
-        return self._seed_list(self.train_seeds)
+        return seed_list(self.train_seeds)
 
 
 def parse_grid(grid: dict | GridSpec | None, source: str = "robustness grid", prefix: str = "") -> GridSpec:

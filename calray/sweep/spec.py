@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from calray.config import NoiseConfig, RunConfig, absolute_paths, apply_overrides, read_yaml, validation_error_message
+from calray.config import (NoiseConfig, RunConfig, absolute_paths, apply_overrides, check_seeds, read_yaml, seed_list,
+                           validation_error_message)
 from calray.errors import ConfigError
 from calray.robustness.spec import parse_grid
 from calray.sweep.space import Distribution, SearchSpec, alias_keys
@@ -120,13 +121,7 @@ class FinalSpec(_Strict):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v):
-        if isinstance(v, int):
-            if v < 1:
-                raise ValueError("a seed count must be >= 1")
-            return v
-        if not v or len(set(v)) != len(v) or any(s < 0 for s in v):
-            raise ValueError(f"seeds must be distinct non-negative integers, got {v}")
-        return v
+        return check_seeds(v)
 
     @field_validator("metrics")
     @classmethod
@@ -137,7 +132,7 @@ class FinalSpec(_Strict):
 
     @property
     def seed_list(self) -> list[int]:
-        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+        return seed_list(self.seeds)
 
 
 class CellsSpec(_Strict):
