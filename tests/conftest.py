@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +66,22 @@ def ray_local():
             yield ray
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_tune_local():
+    """One local Ray instance per test module for sweep (Ray Tune) tests; yields its GCS address, which a
+    subprocess sweep can join with --address. Trials keep the driver's CWD and import this checkout."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("optuna")
+    repo = Path(__file__).resolve().parent.parent
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False,
+                 log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+

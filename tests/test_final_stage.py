@@ -7,7 +7,6 @@ sweep (Optuna continues its study) and --retry-failed re-runs a failed trial's p
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -106,22 +105,8 @@ def test_a_finished_run_is_reused_only_for_the_identical_config(tmp_path, tiny_c
 # ---------------------------------------------------------------- on a local Ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("optuna")
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False,
-                 log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
-
-def test_final_stage_rows_are_the_runs_summaries_reused_and_resumed(ray_local, tmp_path, capfd):
+def test_final_stage_rows_are_the_runs_summaries_reused_and_resumed(ray_tune_local, tmp_path, capfd):
     import pandas as pd
 
     from calray.sweep.runner import main
@@ -172,7 +157,7 @@ def test_final_stage_rows_are_the_runs_summaries_reused_and_resumed(ray_local, t
     assert (lost / "summary.json").is_file()
 
 
-def test_num_samples_extends_a_finished_sweep_and_retry_failed_reruns_a_failed_trial(ray_local, tmp_path):
+def test_num_samples_extends_a_finished_sweep_and_retry_failed_reruns_a_failed_trial(ray_tune_local, tmp_path):
     import pandas as pd
 
     from calray.sweep.outputs import Manifest

@@ -242,19 +242,6 @@ def test_sweep_quiet_reaches_the_robustness_stage(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- on a local Ray
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("optuna")
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
-
 
 def _journal_trials(sdir: Path) -> dict[str, list]:
     import optuna
@@ -266,7 +253,7 @@ def _journal_trials(sdir: Path) -> dict[str, list]:
             for s in optuna.get_all_study_summaries(storage)}
 
 
-def test_tiny_sweep_outputs(ray_cluster, tmp_path):
+def test_tiny_sweep_outputs(ray_tune_local, tmp_path):
     import pandas as pd
 
     from calray.sweep.runner import main
@@ -343,7 +330,7 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_resume_after_interrupt_adds_no_duplicates(ray_cluster, tmp_path, capfd):
+def test_resume_after_interrupt_adds_no_duplicates(ray_tune_local, tmp_path, capfd):
     import pandas as pd
 
     from calray.sweep.runner import main
@@ -357,7 +344,7 @@ def test_resume_after_interrupt_adds_no_duplicates(ray_cluster, tmp_path, capfd)
     manifest = Manifest(sdir / "manifest" / "synthetic__none.jsonl")
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
            "PYTHONPATH": os.environ["PYTHONPATH"]}
-    proc = subprocess.Popen([sys.executable, "-m", "calray.sweep", str(path), "--address", ray_cluster],
+    proc = subprocess.Popen([sys.executable, "-m", "calray.sweep", str(path), "--address", ray_tune_local],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # interrupt while the second trial runs: one trial finished, one unfinished

@@ -166,20 +166,6 @@ def test_routing_callback_sends_trial_hooks_to_their_cell_and_global_hooks_to_al
 # ---------------------------------------------------------------- on a local Ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("optuna")
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False,
-                 log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
-
 
 CELLS = {"noise": [{"kind": "none"}, {"kind": "gaussian", "eps": 5, "mode": "test"}]}
 IDS = ["synthetic__none", "synthetic__gaussian_eps5_test"]
@@ -202,7 +188,7 @@ def _spans(sdir: Path, cell: str) -> list[tuple[float, float]]:
     return out
 
 
-def test_two_cells_trials_run_together_with_their_own_outputs_and_studies(ray_local, tmp_path, capfd):
+def test_two_cells_trials_run_together_with_their_own_outputs_and_studies(ray_tune_local, tmp_path, capfd):
     import pandas as pd
 
     from calray.sweep.runner import main
@@ -234,7 +220,7 @@ def test_two_cells_trials_run_together_with_their_own_outputs_and_studies(ray_lo
     assert not df.duplicated(["trial_id", "epoch"]).any()
 
 
-def test_kill_minus_nine_with_both_cells_running_then_resume(ray_local, tmp_path, capfd):
+def test_kill_minus_nine_with_both_cells_running_then_resume(ray_tune_local, tmp_path, capfd):
     import pandas as pd
 
     from calray.sweep.runner import main
@@ -245,7 +231,7 @@ def test_kill_minus_nine_with_both_cells_running_then_resume(ray_local, tmp_path
     sdir = tmp_path / "sweeps" / "killed"
     manifests = [Manifest(sdir / "manifest" / f"{c}.jsonl") for c in IDS]
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    proc = subprocess.Popen([sys.executable, "-m", "calray.sweep", str(path), "--address", ray_local],
+    proc = subprocess.Popen([sys.executable, "-m", "calray.sweep", str(path), "--address", ray_tune_local],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:  # both cells have a trial that reported an epoch and is still running
         _wait_for(lambda: all(any(t["status"] == "RUNNING" and t["epochs"] for t in m.trials().values())
