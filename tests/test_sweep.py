@@ -318,7 +318,7 @@ def test_tiny_sweep_outputs(ray_tune_local, tmp_path):
     assert main([str(path), "--quiet"]) == 2
 
 
-def _wait_for(predicate, timeout: float, what: str, proc=None):
+def _wait_for(predicate, timeout: float, what: str, proc=None, poll: float = 0.5):
     t0 = time.time()
     while time.time() - t0 < timeout:
         if predicate():
@@ -326,7 +326,7 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"sweep process exited early ({proc.returncode}) while waiting for {what}: "
                                  f"{proc.stdout.read()[-3000:]}")
-        time.sleep(0.5)
+        time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
 
 

@@ -225,17 +225,21 @@ def test_kill_minus_nine_with_both_cells_running_then_resume(ray_tune_local, tmp
 
     from calray.sweep.runner import main
 
-    run = tiny_run_dict(tmp_path, optim={"name": "sgd", "lr": 0.05, "epochs": 3})
-    run["data"]["params"]["n_train"] = 4000  # trials of a few seconds: the kill lands mid-trial
+    run = tiny_run_dict(tmp_path, optim={"name": "sgd", "lr": 0.05, "epochs": 4})
+    run["data"]["params"]["n_train"] = 6000  # trials of a few seconds: the kill lands mid-trial
     path = write_sweep(tmp_path, "killed", run, max_concurrent_trials=2, max_concurrent_trials_per_cell=1)
     sdir = tmp_path / "sweeps" / "killed"
     manifests = [Manifest(sdir / "manifest" / f"{c}.jsonl") for c in IDS]
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
     proc = subprocess.Popen([sys.executable, "-m", "calray.sweep", str(path), "--address", ray_tune_local],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:  # both cells have a trial that reported an epoch and is still running
-        _wait_for(lambda: all(any(t["status"] == "RUNNING" and t["epochs"] for t in m.trials().values())
-                              for m in manifests), 400, "a running trial with an epoch in both cells", proc)
+    def running(m, with_epoch):
+        return any(t["status"] == "RUNNING" and (t["epochs"] or not with_epoch) for t in m.trials().values())
+
+    try:  # both cells have a running trial, one of them past its first epoch (on a fast machine
+        # requiring an epoch in both raced the short trials: they finished between two polls)
+        _wait_for(lambda: all(running(m, False) for m in manifests) and any(running(m, True) for m in manifests),
+                  400, "a running trial in both cells, one with an epoch", proc, poll=0.1)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
@@ -254,7 +258,7 @@ def test_kill_minus_nine_with_both_cells_running_then_resume(ray_tune_local, tmp
         sub = df[df.cell == cid]
         assert sub.trial_id.nunique() == 3, (cid, out[-3000:])
         assert set(sub.status) == {"TERMINATED"}
-        assert all(list(g) == [0, 1, 2] for _, g in sub.groupby("trial_id").epoch)
+        assert all(list(g) == [0, 1, 2, 3] for _, g in sub.groupby("trial_id").epoch)
         done_before = {t for t, v in b.items() if v["status"] == "TERMINATED"}
         assert done_before <= set(sub.trial_id)  # nothing finished is lost or run again
         states = [t.state.name for t in studies[cid]]  # a trial lost with the driver: FAIL (ABANDONED)
