@@ -7,8 +7,10 @@ prints the ratio of medians. Variants:
   cal      strategy cal (ablated fusion passes, moment accumulation, gradient scaling), AIB off
   cal_aib  strategy cal with the AIB heads and loss (adds parameters, so not the same model)
   pytorch  the peer a user would write by hand: the same model (MLP encoders, concat head), fused
-           CE + each modality's sliced-head CE, SGD with calray's default settings — no bookkeeping
-           (MLP presets / run configs only); `plain` / `pytorch` is calray's fixed per-step overhead
+           CE + each modality's sliced-head CE, torch.optim.SGD with calray's default settings and
+           torch's default (per-tensor) kernels — no bookkeeping (MLP presets / run configs only)
+  pytorch_fused  the same peer with SGD(fused=True), the kernels calray's loop uses: `plain` /
+           `pytorch_fused` is calray's bookkeeping alone, `plain` / `pytorch` what a user gains or pays
 
   python scripts/bench_step.py --preset mlp                  # CPU, small model
   python scripts/bench_step.py --preset cremad --device cuda # CREMA-D shapes, ResNet18 pair
@@ -55,7 +57,8 @@ PRESETS = {
                 "visual": {"name": "resnet18", "in_channels": 3, "frames": True}}, 6, 64),
 }
 VARIANTS = {
-    "pytorch": {"strategy": "none", "aib": "off", "track_contributions": False},  # model source for the peer
+    "pytorch": {"strategy": "none", "aib": "off", "track_contributions": False},  # model source for the peers
+    "pytorch_fused": {"strategy": "none", "aib": "off", "track_contributions": False},
     "plain": {"strategy": "none", "aib": "off", "track_contributions": False},
     "cal": {"strategy": "cal", "aib": "off"},
     "cal_aib": {"strategy": "cal", "aib": "beta", "lambda": 0.1},
@@ -82,7 +85,7 @@ class HandWrittenStep:
     CE plus, per modality, the CE of the head's slice for it (W[:, slice_m]·h_m + b, the values of
     calray's shared unimodal head); SGD(lr, momentum 0.9, weight decay 1e-4), calray's defaults."""
 
-    def __init__(self, trainer: Trainer):
+    def __init__(self, trainer: Trainer, fused: bool = False):
         src = trainer.raw_model
         self.device = trainer.device
         self.modalities = list(src.modalities)
@@ -92,7 +95,7 @@ class HandWrittenStep:
         self.dims = [src.fusion.dims[m] for m in self.modalities]
         params = [*self.encoders.parameters(), *self.head.parameters()]
         o = trainer.cfg.optim
-        self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused)
 
     def train_step(self, inputs, labels, epoch: int, step: int) -> torch.Tensor:
         h = [enc(inputs[m].flatten(1)) for m, enc in zip(self.modalities, self.encoders)]
@@ -182,13 +185,15 @@ def main(argv=None) -> int:
                     for v in args.variants}
     else:
         trainers = {v: make_trainer(args.preset, v, args.device, not args.no_amp, tmp) for v in args.variants}
-    if "pytorch" in trainers:  # the peer: the same layers, run without calray's loop
-        src = trainers["pytorch"].raw_model
+    for peer in ("pytorch", "pytorch_fused"):  # the peers: the same layers, run without calray's loop
+        if peer not in trainers:
+            continue
+        src = trainers[peer].raw_model
         if all(isinstance(src.encoders[m], MLPEncoder) for m in src.modalities) and hasattr(src.fusion, "head"):
-            trainers["pytorch"] = HandWrittenStep(trainers["pytorch"])
+            trainers[peer] = HandWrittenStep(trainers[peer], fused=peer == "pytorch_fused")
         else:
-            print("pytorch peer: written for MLP encoders with a concat head; skipped for this model")
-            del trainers["pytorch"]
+            print(f"{peer} peer: written for MLP encoders with a concat head; skipped for this model")
+            del trainers[peer]
     first = next(t for t in trainers.values() if isinstance(t, Trainer))
     inputs, labels = next(iter(first.train_loader))
     batch = (to_device(inputs, first.device, first.channels_last), labels.to(first.device))
@@ -209,11 +214,11 @@ def main(argv=None) -> int:
     print(f"{source}, device {first.device}, batch {bs}, amp {first.amp}, threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds × {args.steps} steps (median per step)")
     peer = med.get("pytorch")
-    print(f"{'variant':<10}{'ms/step':>10}{'samples/s':>12}{'× plain':>10}{'× pytorch':>11}")
+    print(f"{'variant':<14}{'ms/step':>10}{'samples/s':>12}{'× plain':>10}{'× pytorch':>11}")
     for v, m in med.items():
         ratio = f"{m / base:.3f}" if base else "-"
         vs_peer = f"{m / peer:.3f}" if peer else "-"
-        print(f"{v:<10}{m * 1e3:>10.2f}{bs / m:>12.0f}{ratio:>10}{vs_peer:>11}")
+        print(f"{v:<14}{m * 1e3:>10.2f}{bs / m:>12.0f}{ratio:>10}{vs_peer:>11}")
     result = {
         "preset": None if args.run_config else args.preset, "run_config": str(args.run_config or ""),
         "device": str(first.device), "batch": bs, "amp": first.amp,

@@ -101,3 +101,24 @@ def test_two_optimiser_types_resume_exactly(tiny_cfg):
     rows = [json.loads(line) for line in (make("/part", 3).run_dir() / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr_visual"] for r in rows] == pytest.approx([1e-3, 5e-4, 2.5e-4])  # each group's own schedule
     assert [r["lr_default"] for r in rows] == pytest.approx([0.05, 0.025, 0.0125])
+
+
+@pytest.mark.parametrize("optim", [{"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4},
+                                   {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-2}])
+def test_fused_optimiser_kernels_update_as_the_per_tensor_ones(tiny_cfg, monkeypatch, optim):
+    """The loop's optimisers use torch's fused kernels (speed, docs/BENCHMARKS.md §5); an epoch of CAL
+    updates lands where the per-tensor kernels put it."""
+    from calray.engine import optim as optim_module
+
+    def epoch():
+        trainer = Trainer(tiny_cfg(optim={**optim, "epochs": 1}))
+        trainer.train_epoch(0)
+        return trainer
+
+    fused = epoch()
+    assert all(g["fused"] for g in fused.optimizer.param_groups)
+    monkeypatch.setattr(optim_module, "can_fuse", lambda params: False)
+    per_tensor = epoch()
+    assert not any(g["fused"] for g in per_tensor.optimizer.param_groups)
+    for (name, a), b in zip(fused.raw_model.state_dict().items(), per_tensor.raw_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

@@ -8,7 +8,7 @@ import torch
 
 from calray.method.contribution import ContributionStats, ContributionTracker, Contributions
 
-STATS_FLUSH_EVERY = 16  # contribution statistics are accumulated in batches of this many steps
+STATS_FLUSH_EVERY = 64  # contribution statistics are accumulated in batches of this many steps
 
 
 class ContributionMonitor:
@@ -35,11 +35,11 @@ class ContributionMonitor:
     def update(self, out, labels: torch.Tensor) -> None:
         if not self.enabled:
             return
-        if self.space == "logits":
-            reps, fused = out.unimodal_logits, out.fused_logits
+        if self.space == "logits":  # the measured pair is (p^m, p^f) itself
+            self.window.update(labels, out.fused_logits, out.unimodal_logits, out.ablated_logits)
         else:
-            reps, fused = out.embeddings, out.fused_repr
-        self.window.update(labels, out.fused_logits, out.unimodal_logits, out.ablated_logits, reps, fused)
+            self.window.update(labels, out.fused_logits, out.unimodal_logits, out.ablated_logits,
+                               out.embeddings, out.fused_repr)
 
     def refresh(self, end_of_epoch: bool) -> Contributions | None:
         """All-reduce the window's sums, then W from the epoch's sums (at its end) or the window's."""

@@ -18,6 +18,7 @@ from calray.method.plugins import modulates_gradients
 
 ADAPTIVE = frozenset({"adam", "adamw"})  # invariant to a constant gradient scale
 DEFAULT_GROUP = "default"
+FUSED_DEVICES = ("cpu", "cuda")
 
 
 def group_settings(o, modality: str | None = None) -> dict:
@@ -49,13 +50,21 @@ def adaptive_modulation_warnings(cfg, modalities: list[str]) -> list[str]:
     return out
 
 
+def can_fuse(params) -> bool:
+    """torch's fused optimiser kernels (one kernel per parameter instead of 3–4 per-tensor ops; the
+    SGD step of the `mlp` bench preset takes half the time on CPU, docs/BENCHMARKS.md §5) take dense
+    floating-point parameters (CPU and CUDA here)."""
+    return all(p.is_floating_point() and not p.is_sparse and p.device.type in FUSED_DEVICES for p in params)
+
+
 def _torch_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
+    fused = can_fuse(p for g in groups for p in g["params"])
     if name == "sgd":
         groups = [{k: v for k, v in g.items() if k != "betas"} for g in groups]
-        return torch.optim.SGD(groups, lr=groups[0]["lr"])
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], fused=fused)
     groups = [{k: v for k, v in g.items() if k != "momentum"} for g in groups]
     cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    return cls(groups, lr=groups[0]["lr"])
+    return cls(groups, lr=groups[0]["lr"], fused=fused)
 
 
 def build_optimizer(o, model, modalities: list[str]) -> "OptimizerSet":

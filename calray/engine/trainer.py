@@ -222,7 +222,8 @@ class Trainer:
         ce_sum = add_all(ce.values())
         s = Step(epoch, step, labels, out, ce, log={"loss_fused": loss_fused.detach(), "loss_unimodal": ce_sum.detach()},
                  indices=indices)
-        terms = {"fused": loss_fused, "unimodal": m.unimodal_weight * ce_sum}  # eq 21's base
+        w = m.unimodal_weight  # a weight of 1 adds no multiply (and its backward) to every step
+        terms = {"fused": loss_fused, "unimodal": ce_sum if w == 1.0 else w * ce_sum}  # eq 21's base
         for method in self.methods:
             terms = method.loss_terms(s, terms)
         return s, terms

@@ -140,18 +140,19 @@ class ContributionStats:
             out += [self.sum_z[k], self.sum_zz[k]]
         return out
 
-    @torch.no_grad()
     def update(self, labels: torch.Tensor, fused_logits: torch.Tensor,
                unimodal_logits: dict[str, torch.Tensor], ablated_logits: dict[str, torch.Tensor],
-               reps: dict[str, torch.Tensor], fused_rep: torch.Tensor) -> None:
+               reps: dict[str, torch.Tensor] | None = None, fused_rep: torch.Tensor | None = None) -> None:
+        """One batch. `reps`/`fused_rep`: the pair I(m) is measured on; None: the logits themselves
+        (p^m, p^f), which are then not stored twice. Called every training step: kept lean (one
+        stack per step; concatenation and the sums happen once per flush)."""
         mods = self.modalities
-        n = len(labels)
-        # references only: stacking and concatenation happen once per flush
-        self._pending.append((
-            labels.detach(), fused_logits.detach(),
-            [unimodal_logits[m].detach() for m in mods], [ablated_logits[m].detach() for m in mods],
-            [reps[m].detach().reshape(n, -1) for m in mods], fused_rep.detach().reshape(n, -1),
-        ))
+        logits = torch.stack([fused_logits, *[unimodal_logits[m] for m in mods], *[ablated_logits[m] for m in mods]])
+        rep = None
+        if reps is not None:
+            n = len(labels)
+            rep = ([reps[m].detach().reshape(n, -1) for m in mods], fused_rep.detach().reshape(n, -1))
+        self._pending.append((labels, logits.detach(), rep))
         if len(self._pending) >= self.flush_every:
             self.flush()
 
@@ -161,42 +162,51 @@ class ContributionStats:
         if not self._pending:
             return
         batches, self._pending = self._pending, []
-        cols = list(zip(*batches))
 
-        def cat(tensors):
-            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        def cat(tensors, dim=0):
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
-        per_modality = [cat(r) for r in zip(*cols[2])], [cat(r) for r in zip(*cols[3])], [cat(r) for r in zip(*cols[4])]
-        self._accumulate(cat(cols[0]), cat(cols[1]), torch.stack(per_modality[0]), torch.stack(per_modality[1]),
-                         per_modality[2], cat(cols[5]))
+        labels, logits = cat([b[0] for b in batches]), cat([b[1] for b in batches], 1)  # (1+2M)×N×K
+        m = len(self.modalities)
+        if batches[0][2] is None:  # the measured pair is the logits: (p^m, p^f)
+            reps, fused_rep = list(logits[1:1 + m]), logits[0]
+        else:
+            reps = [cat(r) for r in zip(*(b[2][0] for b in batches))]
+            fused_rep = cat([b[2][1] for b in batches])
+        self._accumulate(labels, logits, reps, fused_rep)
 
-    def _accumulate(self, labels, fused_logits, unimodal, ablated, reps, fused_rep) -> None:
+    def _accumulate(self, labels, logits, reps, fused_rep) -> None:
+        """`logits`: S×N×K, S = 1 + 2M: fused, then each modality's unimodal, then its ablated logits."""
         y = labels.to(self.device).long()
         f64 = torch.float64
         mods = self.modalities
-        logp_f = F.log_softmax(fused_logits.to(self.device, f64), dim=1)  # B×K
-        logp_u = F.log_softmax(unimodal.to(self.device, f64), dim=2)  # M×B×K
-        logp_a = F.log_softmax(ablated.to(self.device, f64), dim=2)
-        idx = y[None, :, None].expand(len(mods), -1, 1)
-        lp_true_f = logp_f.gather(1, y[:, None]).squeeze(1)
-        lp_true_u = logp_u.gather(2, idx).squeeze(2)  # M×B
-        self.count += len(y)
-        self.fused_correct += (logp_f.argmax(1) == y).sum()
-        self.loglik_gain += (lp_true_f[None] - logp_a.gather(2, idx).squeeze(2)).sum(1)
-        self.true_prob += lp_true_u.exp().sum(1)
-        self.correct += (logp_u.argmax(2) == y[None]).sum(1)
-        self.kl_sum += (logp_f.exp()[None] * (logp_f[None] - logp_u)).sum((1, 2))
-        f = fused_rep.to(self.device, f64)
+        M, N = len(mods), len(y)
+        logits = logits.to(self.device)
+        # predictions from the raw logits (the evaluation's argmax), fused and unimodal sets only
+        correct = (logits[:1 + M].argmax(2) == y[None]).sum(1)
+        # log-softmax over K in a class-major layout: reductions along a dim of K ≈ 6 elements are
+        # ~7× slower on CPU than along the N samples (docs/BENCHMARKS.md §5)
+        logp = F.log_softmax(logits.to(f64).transpose(1, 2).contiguous(), dim=1)  # S×K×N
+        lp_true = logp.gather(1, y[None, None].expand(len(logp), 1, N)).squeeze(1)  # S×N
+        lp_f, lp_u, lp_a = lp_true[0], lp_true[1:1 + M], lp_true[1 + M:]
+        self.count += N
+        self.fused_correct += correct[0]
+        self.correct += correct[1:]
+        self.loglik_gain += (lp_f[None] - lp_a).sum(1)
+        self.true_prob += lp_u.exp().sum(1)
+        logp_f = logp[0]
+        self.kl_sum += (logp_f.exp()[None] * (logp_f[None] - logp[1:1 + M])).sum((1, 2))
+        f = fused_rep.to(self.device, f64).reshape(N, -1)
         if self._stacked:
-            r = torch.stack(reps).to(self.device, f64)
-            z = torch.cat([r, f[None].expand(len(mods), -1, -1)], dim=2)  # M×B×(d+d_f)
+            r = torch.stack(list(reps)).to(self.device, f64).reshape(M, N, -1)
+            z = torch.cat([r, f[None].expand(M, -1, -1)], dim=2)  # M×N×(d+d_f)
             self._sum_z_all += z.sum(1)
             self._sum_zz_all += z.transpose(1, 2) @ z
         else:
-            for m, r in zip(mods, reps):
-                z = torch.cat([r.to(self.device, f64), f], dim=1)
-                self.sum_z[m] += z.sum(0)
-                self.sum_zz[m] += z.T @ z
+            for k, r in zip(mods, reps):
+                z = torch.cat([r.to(self.device, f64).reshape(N, -1), f], dim=1)
+                self.sum_z[k] += z.sum(0)
+                self.sum_zz[k] += z.T @ z
 
     def merge(self, other: "ContributionStats") -> "ContributionStats":
         for a, b in zip(self._tensors(), other._tensors()):
