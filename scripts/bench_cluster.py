@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,29 @@ def marginal_overhead(small: dict, large: dict) -> float:
     return (large["idle_slot_s"] - small["idle_slot_s"]) / (large["trials"] - small["trials"])
 
 
+def overhead_breakdown(sdir: Path) -> dict:
+    """Where a trial's slot time goes besides training, from the manifest's event times (`t`: the
+    driver saw Tune start / end the trial) and summary.json's training span: start-up = start event →
+    training starts (actor, run config, datasets, model); teardown = training ends → end event (test
+    evaluation, checkpoint, the final report reaching the driver). Means and maxima in seconds."""
+    events: dict[str, dict] = {}
+    for path in sorted(sdir.glob("manifest/*.jsonl")):
+        for line in path.read_text().splitlines():
+            ev = json.loads(line)
+            if ev.get("ev") in ("start", "end"):
+                events.setdefault(ev["trial_id"], {}).setdefault(ev["ev"], ev["t"])
+    startup, teardown = [], []
+    for p in sorted(sdir.glob("runs/*/*/summary.json")):
+        s, ev = json.loads(p.read_text()), events.get(p.parent.name, {})
+        if "start" in ev and "end" in ev:
+            startup.append(float(s["started_at"]) - ev["start"])
+            teardown.append(ev["end"] - float(s["finished_at"]))
+    if not startup:
+        return {}
+    return {"trials_matched": len(startup), "startup_mean_s": sum(startup) / len(startup), "startup_max_s": max(startup),
+            "teardown_mean_s": sum(teardown) / len(teardown), "teardown_max_s": max(teardown)}
+
+
 def trial_spans(sdir: Path) -> list[tuple[float, float]]:
     spans = []
     for p in sorted(sdir.glob("runs/*/*/summary.json")):
@@ -122,7 +146,7 @@ def run_sweep(cluster: LocalCluster, tmp: Path, name: str, args, trials: int) ->
     if len(spans) != expected:
         raise SystemExit(f"sweep {name}: expected {expected} finished trials, found {len(spans)}")
     slots = args.nodes * args.cpus_per_node / args.cpus_per_trial
-    return figures(spans, slots, wall)
+    return {**figures(spans, slots, wall), **overhead_breakdown(tmp / "sweeps" / name)}
 
 
 def print_run(label: str, f: dict) -> None:
@@ -130,6 +154,10 @@ def print_run(label: str, f: dict) -> None:
           f"(of the command's wall {f['utilisation_of_command_wall']:.3f}), peak concurrency "
           f"{f['peak_concurrency']}, Σ busy {f['busy_s']:.1f}s, sweep wall {f['sweep_wall_s']:.1f}s, "
           f"command wall {f['command_wall_s']:.1f}s", flush=True)
+    if "startup_mean_s" in f:
+        print(f"  per trial besides training: start-up {f['startup_mean_s']:.1f}s (max {f['startup_max_s']:.1f}), "
+              f"teardown {f['teardown_mean_s']:.1f}s (max {f['teardown_max_s']:.1f}); mean training "
+              f"{f['busy_s'] / f['trials']:.1f}s", flush=True)
 
 
 def main(argv=None) -> int:
@@ -146,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--marginal", action="store_true", help="a second sweep with 2× trials: marginal overhead")
     p.add_argument("--out", type=Path, default=Path("runs/bench_cluster.json"))
+    p.add_argument("--keep", type=Path, help="copy the sweeps' directories (manifests, runs) here for inspection")
     args = p.parse_args(argv)
     if args.max_concurrent_trials is None:
         args.max_concurrent_trials = int(args.nodes * args.cpus_per_node // args.cpus_per_trial)
@@ -167,6 +196,8 @@ def main(argv=None) -> int:
         if args.marginal:
             runs["double"] = run_sweep(cluster, tmp, "bench_cluster_2x", args, 2 * args.trials)
             print_run(f"{args.cells} cells × {2 * args.trials} trials", runs["double"])
+        if args.keep:
+            shutil.copytree(tmp / "sweeps", args.keep, dirs_exist_ok=True)
     result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "runs": runs,
               "env": environment()}
     if args.marginal:

@@ -41,3 +41,22 @@ def test_figures_against_hand_computation(bench):
     assert serial["idle_slot_s"] == pytest.approx(7.0)
     six = bench.figures([(2.0 * i, 2.0 * i + 1) for i in range(6)], slots=2, command_wall_s=11.0)
     assert bench.marginal_overhead(serial, six) == pytest.approx((16.0 - 7.0) / 3)
+
+
+def test_overhead_breakdown_from_manifest_times_and_training_spans(bench, tmp_path):
+    import json
+
+    sdir = tmp_path / "sweep"
+    (sdir / "manifest").mkdir(parents=True)
+    events = [{"ev": "start", "trial_id": "t1", "t": 10.0}, {"ev": "result", "trial_id": "t1", "t": 12.0},
+              {"ev": "end", "trial_id": "t1", "t": 20.5}, {"ev": "start", "trial_id": "t2", "t": 11.0},
+              {"ev": "end", "trial_id": "t2", "t": 30.0}, {"ev": "start", "trial_id": "lost", "t": 1.0}]
+    (sdir / "manifest" / "cell.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    for tid, started, finished in (("t1", 13.0, 20.0), ("t2", 11.5, 29.0)):
+        (sdir / "runs" / "cell" / tid).mkdir(parents=True)
+        (sdir / "runs" / "cell" / tid / "summary.json").write_text(
+            json.dumps({"started_at": started, "finished_at": finished}))
+    got = bench.overhead_breakdown(sdir)  # start-up 3 and 0.5; teardown 0.5 and 1; "lost" has no run
+    assert got == pytest.approx({"trials_matched": 2, "startup_mean_s": 1.75, "startup_max_s": 3.0,
+                                 "teardown_mean_s": 0.75, "teardown_max_s": 1.0})
+    assert bench.overhead_breakdown(tmp_path / "empty") == {}
