@@ -185,10 +185,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="calray_bench_cluster_") as tmp, LocalCluster(root) as cluster:
         tmp = Path(tmp)
         t0 = time.time()
-        cluster.start_head(num_cpus=args.cpus_per_node)
-        for _ in range(args.nodes - 1):
-            cluster.add_node(num_cpus=args.cpus_per_node)
-        cluster.wait_for_nodes(args.nodes)
+        cluster.start([args.cpus_per_node] * args.nodes)
         print(f"cluster {cluster.address}: {args.nodes} nodes × {args.cpus_per_node} CPUs up in "
               f"{time.time() - t0:.1f}s", flush=True)
         runs["base"] = run_sweep(cluster, tmp, "bench_cluster", args, args.trials)

@@ -71,6 +71,46 @@ def test_manifest_records_a_retry_and_counts_the_trial_once(tmp_path):
     assert cb._finished == 1
 
 
+def test_cluster_start_retries_on_new_ports_after_a_node_fails(tmp_path, monkeypatch):
+    """LocalCluster.start: a node that exits during start-up (a taken port) restarts the cluster on
+    new ports; the failed attempt's logs are kept aside; after `attempts` failures it raises."""
+    from calray.ray import local_cluster
+    from calray.ray.local_cluster import LocalCluster
+
+    started, stopped = [], []
+
+    def fake_start(self, name, args, hide):
+        ports = local_cluster.free_ports(1)
+        (self.root / f"{name}.log").write_text("log")
+        (self.root / name).mkdir()
+        node = local_cluster.Node(name, SimpleNamespace(pid=-1, poll=lambda: 0), self.root / f"{name}.log", ports[0])
+        self.nodes.append(node)
+        started.append((name, args, hide))
+        return node
+
+    failures = iter([RuntimeError("ray node node1 exited (1): port taken")])
+
+    def fake_wait(self, n, timeout_s=180.0):
+        err = next(failures, None)
+        if err:
+            raise err
+
+    monkeypatch.setattr(LocalCluster, "_start", fake_start)
+    monkeypatch.setattr(LocalCluster, "wait_for_nodes", fake_wait)
+    monkeypatch.setattr(LocalCluster, "stop", lambda self, timeout_s=10.0: stopped.append(len(self.nodes)))
+    cluster = LocalCluster(tmp_path / "ray")
+    address = cluster.start([2, 3], hide={1: [tmp_path / "local"]})
+    assert address == cluster.address and [n.name for n in cluster.nodes] == ["head", "node1"]
+    assert [name for name, _, _ in started] == ["head", "node1", "head", "node1"] and stopped == [2]
+    assert started[1][2] == [str(tmp_path / "local")] and "3" in started[3][1]
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == [
+        "head", "head.attempt1", "head.log", "head.log.attempt1", "node1", "node1.attempt1", "node1.log",
+        "node1.log.attempt1"]
+    failures = iter([TimeoutError("2 Ray nodes not alive")] * 2)
+    with pytest.raises(TimeoutError):
+        LocalCluster(tmp_path / "ray2").start([1, 1], attempts=2)
+
+
 def test_single_node_storage_check_is_a_no_op(monkeypatch, tmp_path):
     ray = pytest.importorskip("ray")
     from calray.ray import session
@@ -122,10 +162,8 @@ class Cluster:
         self.shared.mkdir(parents=True)
         self.node_local.mkdir(parents=True)
         self.lc = LocalCluster(root / "ray")
-        self.address = self.lc.start_head(num_cpus=2)
-        self.head = self.lc.nodes[0]
-        self.node_b = self.lc.add_node(num_cpus=2, hide=[self.node_local])
-        self.lc.wait_for_nodes(2)
+        self.address = self.lc.start([2, 2], hide={1: [self.node_local]})
+        self.head, self.node_b = self.lc.nodes
 
     def ensure_node_b(self):
         if self.node_b.proc.poll() is not None:

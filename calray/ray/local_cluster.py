@@ -8,9 +8,8 @@ processes: each node's process group, then any process still naming `root` in it
 (never `ray stop`, which kills every Ray instance of the user).
 
     cluster = LocalCluster("/tmp/crc_1234")
-    address = cluster.start_head(num_cpus=2)           # "127.0.0.1:PORT"
-    worker = cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes(2)
+    address = cluster.start([2, 2])                    # head + one node, alive: "127.0.0.1:PORT"
+    worker = cluster.nodes[1]                          # (or start_head / add_node / wait_for_nodes)
     ...                                                # python -m calray.sweep S.yaml --address $address
     cluster.kill_raylet(worker)                        # the node dies as if its machine went away
     cluster.stop()
@@ -159,6 +158,30 @@ class LocalCluster:
         if resources:
             args += ["--resources", _json(resources)]
         return self._start(f"node{len(self.nodes)}", args, [str(p) for p in hide or []])
+
+    def start(self, node_cpus: list[float], hide: dict[int, list[str | Path]] | None = None,
+              attempts: int = 3) -> str:
+        """The head (node_cpus[0]) and one node per further entry, alive; `hide[i]`: node i's hidden
+        paths. A node that exits or never registers (a port `free_ports` handed out was taken by
+        another process before Ray bound it) stops the whole cluster, which starts again on new
+        ports, up to `attempts` times; the last failure is raised."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self.start_head(num_cpus=node_cpus[0])
+                for i, cpus in enumerate(node_cpus[1:], start=1):
+                    self.add_node(num_cpus=cpus, hide=(hide or {}).get(i))
+                self.wait_for_nodes(len(node_cpus), timeout_s=90.0)
+                return self.address
+            except (RuntimeError, TimeoutError):
+                self.stop()
+                if attempt == attempts:
+                    raise
+                for node in self.nodes:  # keep the failed attempt's logs, out of the next one's way
+                    for path in (self.root / node.name, node.log):
+                        if path.exists():
+                            path.rename(path.with_name(f"{path.name}.attempt{attempt}"))
+                self.nodes, self.address = [], None
+        raise AssertionError("unreachable")
 
     # ---------------------------------------------------------------- state
 
