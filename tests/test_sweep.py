@@ -349,7 +349,7 @@ def test_resume_after_interrupt_adds_no_duplicates(ray_tune_local, tmp_path, cap
     try:
         # interrupt while the second trial runs: one trial finished, one unfinished
         _wait_for(lambda: len(manifest.finished()) >= 1 and len(manifest.trials()) >= 2, 300,
-                  "a finished and a running trial", proc)
+                  "a finished and a running trial", proc, poll=0.1)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
