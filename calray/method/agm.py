@@ -33,20 +33,11 @@ from pydantic import Field
 from calray.config import Strict
 from calray.dist import all_reduce_sum
 from calray.errors import ConfigError
-from calray.method.base import Method, Step
+from calray.method.base import Method, Step, require_base_loss
 from calray.method.modulation import scale_gradients
 from calray.registry import STRATEGIES
 
 PROB_FLOOR = 1e-8  # the reference scores −log(1e-8) for a probability below 1e-8
-
-
-def require_fused_ce_only(cfg, name: str) -> None:
-    """A baseline published with the fused cross-entropy as its whole base loss."""
-    m = cfg.method
-    if m.aib != "off" or m.unimodal_weight != 0:
-        raise ConfigError(f"strategy {name!r} is published with the fused cross-entropy only, but method.aib is "
-                          f"{m.aib!r} and method.unimodal_weight is {m.unimodal_weight:g}: set method.aib: off and "
-                          "method.unimodal_weight: 0")
 
 
 @torch.no_grad()
@@ -115,7 +106,7 @@ class Agm(Method):
         super().__init__(cfg, modalities, context)
         if len(self.modalities) < 2:
             raise ConfigError("strategy 'agm' needs at least two modalities")
-        require_fused_ce_only(cfg, "agm")
+        require_base_loss(cfg, "agm", 0, "the fused cross-entropy only")
         self.targets = {m: 0.0 for m in self.modalities}  # running means t_m of the scores
         self.iteration = 0
         self.last_coefficients = {m: 1.0 for m in self.modalities}

@@ -24,8 +24,7 @@ from pydantic import Field
 
 from calray.config import Strict
 from calray.dist import all_reduce_sum
-from calray.errors import ConfigError
-from calray.method.base import Method, Step
+from calray.method.base import Method, Step, require_base_loss
 from calray.method.modulation import scale_gradients
 from calray.registry import STRATEGIES
 
@@ -69,11 +68,7 @@ class Arl(Method):
 
     def __init__(self, cfg, modalities, context):
         super().__init__(cfg, modalities, context)
-        m = cfg.method
-        if m.aib != "off" or m.unimodal_weight != 1.0:
-            raise ConfigError(f"strategy 'arl' is published as CE_f + γ·Σ CE_m (γ = method.params.gamma), but "
-                              f"method.aib is {m.aib!r} and method.unimodal_weight is {m.unimodal_weight:g}: set "
-                              "method.aib: off and leave method.unimodal_weight at 1")
+        require_base_loss(cfg, "arl", 1, "CE_f + γ·Σ CE_m (γ = method.params.gamma)")
         self._sums: torch.Tensor | None = None  # this update's statistics (all micro-batches)
         self.last_weights = {mod: 0.0 for mod in self.modalities}
 

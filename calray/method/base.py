@@ -54,6 +54,8 @@ from typing import Callable
 
 import torch
 
+from calray.errors import ConfigError
+
 
 @dataclass
 class Step:
@@ -118,3 +120,16 @@ class MethodContext:
     # split, the model in eval mode and back in train mode after (PMR's class prototypes); all-reduce
     # what you compute from it. None outside the trainer.
     embeddings: Callable[[str], tuple[dict[str, torch.Tensor], torch.Tensor]] | None = None
+
+
+def require_base_loss(cfg, strategy: str, unimodal_weight: float | None, published_as: str) -> None:
+    """A baseline's published base loss: method.aib off and method.unimodal_weight equal to
+    `unimodal_weight` (0: the fused cross-entropy only; None: any weight > 0), else one ConfigError
+    naming both keys. `published_as` completes "strategy X is published as …"."""
+    m = cfg.method
+    weight_ok = m.unimodal_weight > 0 if unimodal_weight is None else m.unimodal_weight == unimodal_weight
+    if m.aib != "off" or not weight_ok:
+        want = "> 0" if unimodal_weight is None else f": {unimodal_weight:g}"
+        raise ConfigError(f"strategy {strategy!r} is published as {published_as}, but method.aib is {m.aib!r} and "
+                          f"method.unimodal_weight is {m.unimodal_weight:g}: set method.aib: off and "
+                          f"method.unimodal_weight{want}")

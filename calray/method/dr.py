@@ -29,8 +29,7 @@ from sklearn.cluster import KMeans
 
 from calray.config import Strict
 from calray.dist import gather_interleaved
-from calray.errors import ConfigError
-from calray.method.base import Method, Step
+from calray.method.base import Method, Step, require_base_loss
 from calray.registry import STRATEGIES
 
 
@@ -64,10 +63,7 @@ class DiagnosingRelearning(Method):
 
     def __init__(self, cfg, modalities, context):
         super().__init__(cfg, modalities, context)
-        m = cfg.method
-        if m.aib != "off" or m.unimodal_weight != 0:
-            raise ConfigError(f"strategy 'dr' is D&R as published (fused cross-entropy only): set method.aib: off "
-                              f"(got {m.aib!r}) and method.unimodal_weight: 0 (got {m.unimodal_weight:g})")
+        require_base_loss(cfg, "dr", 0, "the fused cross-entropy only")
         self.init: dict[str, list[torch.Tensor]] | None = None  # θ_m⁰ per modality
         self.done = 0  # re-initialisations so far
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from calray.config import Strict
-from calray.errors import ConfigError
-from calray.method.base import Method, Step
+from calray.method.base import Method, Step, require_base_loss
 from calray.registry import STRATEGIES
 
 FUSED = "fused"
@@ -46,11 +45,7 @@ class GBlending(Method):
 
     def __init__(self, cfg, modalities, context):
         super().__init__(cfg, modalities, context)
-        m = cfg.method
-        if m.aib != "off" or m.unimodal_weight != 1.0:
-            raise ConfigError(f"strategy 'gblending' weights the fused and unimodal losses itself, but method.aib is "
-                              f"{m.aib!r} and method.unimodal_weight is {m.unimodal_weight:g}: set method.aib: off "
-                              "and leave method.unimodal_weight at 1")
+        require_base_loss(cfg, "gblending", 1, "the fused and unimodal losses, which it weights itself")
         heads = [FUSED, *self.modalities]
         self.weights = {h: 1.0 / len(heads) for h in heads}
         self.anchor: dict[str, tuple[float, float]] | None = None  # (L^T, L^V) per head at the last estimate

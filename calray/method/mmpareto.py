@@ -28,8 +28,7 @@ from pydantic import Field
 
 from calray.config import Strict
 from calray.dist import average_over_ranks
-from calray.errors import ConfigError
-from calray.method.base import Method, Step
+from calray.method.base import Method, Step, require_base_loss
 from calray.registry import STRATEGIES
 
 
@@ -71,11 +70,7 @@ class MMPareto(Method):
 
     def __init__(self, cfg, modalities, context):
         super().__init__(cfg, modalities, context)
-        m = cfg.method
-        if m.aib != "off" or m.unimodal_weight <= 0:
-            raise ConfigError(f"strategy 'mmpareto' balances the fused and the unimodal losses only: set "
-                              f"method.aib: off (got {m.aib!r}) and method.unimodal_weight > 0 (got "
-                              f"{m.unimodal_weight:g}; the reference's loss is CE_fused + Σ_m CE_m, weight 1)")
+        require_base_loss(cfg, "mmpareto", None, "CE_fused + Σ_m CE_m (weight 1 in the reference), which it balances")
         self._grads: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (fused, rest) per parameter
         self._params: list[torch.nn.Parameter] = []
         self.epoch_stats: dict[str, list[float]] = {}

@@ -25,8 +25,7 @@ from pydantic import Field
 from calray.config import Strict
 from calray.dist import all_reduce_sum
 from calray.errors import ConfigError
-from calray.method.agm import require_fused_ce_only
-from calray.method.base import Method, Step
+from calray.method.base import Method, Step, require_base_loss
 from calray.registry import STRATEGIES
 
 DIST_EPS = 1e-12  # ‖·‖² floor under the square root: a finite gradient at zero distance
@@ -72,7 +71,7 @@ class Pmr(Method):
         super().__init__(cfg, modalities, context)
         if len(self.modalities) < 2:
             raise ConfigError("strategy 'pmr' needs at least two modalities")
-        require_fused_ce_only(cfg, "pmr")
+        require_base_loss(cfg, "pmr", 0, "the fused cross-entropy only")
         self.protos: dict[str, torch.Tensor] | None = None
         self.last_scores: dict[str, float] = {}
 
