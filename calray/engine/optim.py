@@ -18,7 +18,10 @@ from calray.method.plugins import modulates_gradients
 
 ADAPTIVE = frozenset({"adam", "adamw"})  # invariant to a constant gradient scale
 DEFAULT_GROUP = "default"
-FUSED_DEVICES = ("cpu", "cuda")
+# CPU only: torch's CPU default is the per-tensor loop; on CUDA its default is already the multi-tensor
+# (foreach) path, and fused kernels there, which refuse a gradient whose strides differ from its
+# parameter's (pytorch#106951), were not measurable here (no GPU)
+FUSED_DEVICES = ("cpu",)
 
 
 def group_settings(o, modality: str | None = None) -> dict:
@@ -53,7 +56,7 @@ def adaptive_modulation_warnings(cfg, modalities: list[str]) -> list[str]:
 def can_fuse(params) -> bool:
     """torch's fused optimiser kernels (one kernel per parameter instead of 3–4 per-tensor ops; the
     SGD step of the `mlp` bench preset takes half the time on CPU, docs/BENCHMARKS.md §5) take dense
-    floating-point parameters (CPU and CUDA here)."""
+    floating-point parameters."""
     return all(p.is_floating_point() and not p.is_sparse and p.device.type in FUSED_DEVICES for p in params)
 
 
