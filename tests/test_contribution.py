@@ -415,3 +415,26 @@ def test_tracker_over_epochs_matches_hand_calculation(variant):
     tr2 = ContributionTracker(["a", "b"], variant=variant, n=n)
     tr2.load_state_dict(tr.state_dict())
     assert tr2.history == p_hist
+
+
+def test_a_window_mixing_logit_and_representation_updates_is_refused():
+    g = torch.Generator().manual_seed(3)
+    labels, fused, uni, abl, reps, fused_rep = random_batch(g, 8, dims=(3, 3))
+    stats = ContributionStats(["a", "b"], {"a": 3, "b": 3}, 5, flush_every=10)
+    stats.update(labels, fused, uni, abl, reps, fused_rep)
+    stats.update(labels, fused, uni, abl)  # the pair would silently switch to the logits
+    with pytest.raises(ValueError, match="with and without reps"):
+        stats.flush()
+
+
+
+def test_no_reps_means_the_logits_are_the_measured_pair():
+    g = torch.Generator().manual_seed(4)
+    labels, fused, uni, abl, _, _ = random_batch(g, 40)
+    implicit, explicit = (ContributionStats(["a", "b"], {"a": 3, "b": 3}, 3, flush_every=2) for _ in range(2))
+    for sl in (slice(0, 25), slice(25, 40)):
+        part = lambda d: {k: v[sl] for k, v in d.items()}  # noqa: E731
+        implicit.update(labels[sl], fused[sl], part(uni), part(abl))
+        explicit.update(labels[sl], fused[sl], part(uni), part(abl), part(uni), fused[sl])
+    for a, b in zip(implicit._tensors(), explicit._tensors()):
+        assert torch.equal(a, b)

@@ -168,6 +168,8 @@ class ContributionStats:
 
         labels, logits = cat([b[0] for b in batches]), cat([b[1] for b in batches], 1)  # (1+2M)×N×K
         m = len(self.modalities)
+        if len({b[2] is None for b in batches}) > 1:
+            raise ValueError("ContributionStats: updates with and without reps in one window")
         if batches[0][2] is None:  # the measured pair is the logits: (p^m, p^f)
             reps, fused_rep = list(logits[1:1 + m]), logits[0]
         else:
