@@ -145,6 +145,22 @@ def nonfinite_loss_error(loss: float, parts: dict, epoch: int, step: int) -> Tra
                          f"({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); {hint}")
 
 
+def progress_bar(loader, total: int, desc: str, enabled: bool):
+    """The training loader, wrapped in a tqdm bar when `enabled` (runtime.progress, rank 0)."""
+    if not enabled:
+        return loader
+    from tqdm import tqdm  # optional dependency, only for an interactive progress bar
+
+    return tqdm(loader, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def epoch_line(row: dict, modalities: list[str], epochs: int) -> str:
+    """The console line of one epoch's metrics row."""
+    mods = " ".join(f"{m}:{row.get(f'val_acc_{m}', 0):.3f}/a={row.get(f'a_{m}', 0):.2f}" for m in modalities)
+    return (f"epoch {row['epoch'] + 1}/{epochs} train_loss {row['train_loss']:.4f} "
+            f"train_acc {row.get('train_acc', float('nan')):.4f} val_acc {row['val_acc']:.4f} [{mods}] {row['time_s']:.1f}s")
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, ctx: RunContext | None = None, splits: DatasetSplits | None = None):
         self.cfg, self.ctx = cfg, ctx or RunContext()
@@ -275,7 +291,8 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.parts, seen = TermSums(), 0
         total, accum = self.batches_per_epoch(), cfg.optim.grad_accum
-        bar = self._progress(self.train_loader, total, f"epoch {epoch + 1}/{cfg.optim.epochs}")
+        bar = progress_bar(self.train_loader, total, f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                           cfg.runtime.progress and self.ctx.is_main)
         self.optimizer.zero_grad(set_to_none=True)
         for step, (inputs, labels, *index) in enumerate(bar):  # index: Method.needs_sample_index
             if step >= total:
@@ -326,13 +343,6 @@ class Trainer:
         out = embeddings_of(self.raw_model, self._split_loader(split), self.device, self.amp, self.channels_last)
         self.raw_model.train()
         return out
-
-    def _progress(self, loader, total: int, desc: str):
-        if not (self.cfg.runtime.progress and self.ctx.is_main):
-            return loader
-        from tqdm import tqdm  # optional dependency, only for an interactive progress bar
-
-        return tqdm(loader, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -414,7 +424,7 @@ class Trainer:
             if (epoch + 1) % self.cfg.runtime.checkpoint_every == 0 or epoch == self.cfg.optim.epochs - 1 or stopped_early:
                 ckpt = self.save_checkpoint(epoch)
         self.recorder.epoch(row)
-        self._log(self._epoch_line(row))
+        self._log(epoch_line(row, self.modalities, self.cfg.optim.epochs))
         if self.ctx.reporter is not None:
             self.ctx.reporter(row, ckpt)
         if stopped_early:
@@ -430,11 +440,6 @@ class Trainer:
             if stopped_early:
                 break
         return self.finish(time.time() - t_start, stopped_early, epoch + 1)
-
-    def _epoch_line(self, row: dict) -> str:
-        mods = " ".join(f"{m}:{row.get(f'val_acc_{m}', 0):.3f}/a={row.get(f'a_{m}', 0):.2f}" for m in self.modalities)
-        return (f"epoch {row['epoch'] + 1}/{self.cfg.optim.epochs} train_loss {row['train_loss']:.4f} "
-                f"train_acc {row.get('train_acc', float('nan')):.4f} val_acc {row['val_acc']:.4f} [{mods}] {row['time_s']:.1f}s")
 
     def finish(self, duration: float, stopped_early: bool, epochs_run: int) -> dict:
         """Test with the best-on-validation weights (never select on test) and write summary.json."""
