@@ -193,7 +193,9 @@ def test_two_cells_trials_run_together_with_their_own_outputs_and_studies(ray_tu
 
     from calray.sweep.runner import main
 
-    path = write_sweep(tmp_path, "together", tiny_run_dict(tmp_path), max_concurrent_trials=4)
+    run = tiny_run_dict(tmp_path)
+    run["data"]["params"]["n_train"] = 3000  # trials of ~1 s: 0.2 s ones could run one after another
+    path = write_sweep(tmp_path, "together", run, max_concurrent_trials=4)
     assert main([str(path)]) == 0
     out = capfd.readouterr().out
     sdir = tmp_path / "sweeps" / "together"

@@ -62,79 +62,84 @@ def _classes() -> dict[str, type]:
     return {"searcher": _searcher_class(), "scheduler": _scheduler_class(), "callbacks": _callbacks_class()}
 
 
+class _CellSearching:
+    """CellSearcher's logic (every cell's trials from one searcher; see the module doc), without Ray:
+    `_searcher_class` mixes it into Ray's Searcher, whose FINISHED and metric/mode it uses."""
+
+    def __init__(self, cells, max_per_cell=None, metric=None, mode=None):
+        super().__init__(metric=metric, mode=mode)
+        self.order = [c["id"] for c in cells]
+        self.fixed = {c["id"]: c["fixed"] for c in cells}
+        self.budget = {c["id"]: int(c["budget"]) for c in cells}
+        self.searchers = {c["id"]: c.get("search") for c in cells}
+        self.started = {c["id"]: 0 for c in cells}
+        self.max_per_cell = max_per_cell
+        self.owner: dict[str, str] = {}  # trial_id → cell id
+        self.live: set[str] = set()  # suggested, not completed
+
+    def __reduce__(self):
+        return _rebuild, ("searcher", self.__dict__.copy())
+
+    def running(self, cell_id: str) -> int:
+        return sum(self.owner[t] == cell_id for t in self.live)
+
+    def next_cell(self) -> str | None:
+        open_ = [c for c in self.order if self.started[c] < self.budget[c]
+                 and (self.max_per_cell is None or self.running(c) < self.max_per_cell)]
+        if not open_:
+            return None
+        return min(open_, key=lambda c: (self.running(c), self.started[c], self.order.index(c)))
+
+    def suggest(self, trial_id: str):
+        while True:
+            if all(self.started[c] >= self.budget[c] for c in self.order):
+                return self.FINISHED
+            cell = self.next_cell()
+            if cell is None:
+                return None  # every open cell is at its cap: ask again when a trial ends
+            inner = self.searchers[cell]
+            params = inner.suggest(trial_id) if inner is not None else {}
+            if params is None:
+                return None
+            if params == self.FINISHED:  # the cell's own searcher has nothing more
+                self.budget[cell] = self.started[cell]
+                continue
+            self.started[cell] += 1
+            self.owner[trial_id] = cell
+            self.live.add(trial_id)
+            return {**self.fixed[cell], **params}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        inner = self.searchers.get(self.owner.get(trial_id))
+        if inner is not None:
+            inner.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        cell = self.owner.get(trial_id)
+        self.live.discard(trial_id)
+        inner = self.searchers.get(cell)
+        if inner is not None:
+            inner.on_trial_complete(trial_id, result=result, error=error)
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        self._metric = self._metric or metric
+        self._mode = self._mode or mode
+        return True
+
+    def save(self, checkpoint_path: str):
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__.copy(), f)
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
 def _searcher_class():
     from ray.tune.search import Searcher  # heavy: imported when a sweep runs
 
-    class CellSearcher(Searcher):
+    class CellSearcher(_CellSearching, Searcher):
         """Every cell's trials from one searcher; see the module doc."""
-
-        def __init__(self, cells, max_per_cell=None, metric=None, mode=None):
-            super().__init__(metric=metric, mode=mode)
-            self.order = [c["id"] for c in cells]
-            self.fixed = {c["id"]: c["fixed"] for c in cells}
-            self.budget = {c["id"]: int(c["budget"]) for c in cells}
-            self.searchers = {c["id"]: c.get("search") for c in cells}
-            self.started = {c["id"]: 0 for c in cells}
-            self.max_per_cell = max_per_cell
-            self.owner: dict[str, str] = {}  # trial_id → cell id
-            self.live: set[str] = set()  # suggested, not completed
-
-        def __reduce__(self):
-            return _rebuild, ("searcher", self.__dict__.copy())
-
-        def running(self, cell_id: str) -> int:
-            return sum(self.owner[t] == cell_id for t in self.live)
-
-        def next_cell(self) -> str | None:
-            open_ = [c for c in self.order if self.started[c] < self.budget[c]
-                     and (self.max_per_cell is None or self.running(c) < self.max_per_cell)]
-            if not open_:
-                return None
-            return min(open_, key=lambda c: (self.running(c), self.started[c], self.order.index(c)))
-
-        def suggest(self, trial_id: str):
-            while True:
-                if all(self.started[c] >= self.budget[c] for c in self.order):
-                    return Searcher.FINISHED
-                cell = self.next_cell()
-                if cell is None:
-                    return None  # every open cell is at its cap: ask again when a trial ends
-                inner = self.searchers[cell]
-                params = inner.suggest(trial_id) if inner is not None else {}
-                if params is None:
-                    return None
-                if params == Searcher.FINISHED:  # the cell's own searcher has nothing more
-                    self.budget[cell] = self.started[cell]
-                    continue
-                self.started[cell] += 1
-                self.owner[trial_id] = cell
-                self.live.add(trial_id)
-                return {**self.fixed[cell], **params}
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            inner = self.searchers.get(self.owner.get(trial_id))
-            if inner is not None:
-                inner.on_trial_result(trial_id, result)
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            cell = self.owner.get(trial_id)
-            self.live.discard(trial_id)
-            inner = self.searchers.get(cell)
-            if inner is not None:
-                inner.on_trial_complete(trial_id, result=result, error=error)
-
-        def set_search_properties(self, metric, mode, config, **spec) -> bool:
-            self._metric = self._metric or metric
-            self._mode = self._mode or mode
-            return True
-
-        def save(self, checkpoint_path: str):
-            with open(checkpoint_path, "wb") as f:
-                pickle.dump(self.__dict__.copy(), f)
-
-        def restore(self, checkpoint_path: str):
-            with open(checkpoint_path, "rb") as f:
-                self.__dict__.update(pickle.load(f))
 
     return CellSearcher
 
@@ -186,70 +191,75 @@ def _scheduler_class():
     return CellScheduler
 
 
+class _CellRouting:
+    """CellCallbacks' logic (trial hooks to the trial's cell's callbacks, global hooks to every
+    callback), without Ray: `_callbacks_class` mixes it into Ray's Callback."""
+
+    def __init__(self, callbacks):
+        self.callbacks = {c: list(cbs) for c, cbs in callbacks.items()}
+        self.on_end = None  # this process's listener of trial ends (cell id); not pickled
+
+    def __reduce__(self):
+        return _rebuild, ("callbacks", {"callbacks": self.callbacks})
+
+    def _all(self):
+        return [cb for cbs in self.callbacks.values() for cb in cbs]
+
+    def _route(self, hook: str, info: dict) -> None:
+        cell = cell_of(info.get("trial"))
+        for cb in self.callbacks.get(cell, ()):
+            getattr(cb, hook)(**info)
+        if hook in ("on_trial_complete", "on_trial_error") and self.on_end is not None and cell is not None:
+            self.on_end(cell)
+
+    def setup(self, **info):
+        for cb in self._all():
+            cb.setup(**info)
+
+    def on_step_begin(self, **info):
+        for cb in self._all():
+            cb.on_step_begin(**info)
+
+    def on_step_end(self, **info):
+        for cb in self._all():
+            cb.on_step_end(**info)
+
+    def on_experiment_end(self, trials, **info):
+        for cell, cbs in self.callbacks.items():
+            own = [t for t in trials if cell_of(t) == cell]
+            for cb in cbs:
+                cb.on_experiment_end(trials=own, **info)
+
+    def on_trial_start(self, **info):
+        self._route("on_trial_start", info)
+
+    def on_trial_restore(self, **info):
+        self._route("on_trial_restore", info)
+
+    def on_trial_save(self, **info):
+        self._route("on_trial_save", info)
+
+    def on_trial_result(self, **info):
+        self._route("on_trial_result", info)
+
+    def on_trial_complete(self, **info):
+        self._route("on_trial_complete", info)
+
+    def on_trial_recover(self, **info):
+        self._route("on_trial_recover", info)
+
+    def on_trial_error(self, **info):
+        self._route("on_trial_error", info)
+
+    def on_checkpoint(self, **info):
+        self._route("on_checkpoint", info)
+
+
 def _callbacks_class():
     from ray.tune import Callback
 
-    class CellCallbacks(Callback):
+    class CellCallbacks(_CellRouting, Callback):
         """Trial hooks to the trial's cell's callbacks, global hooks to every callback."""
-
-        def __init__(self, callbacks):
-            self.callbacks = {c: list(cbs) for c, cbs in callbacks.items()}
-            self.on_end = None  # this process's listener of trial ends (cell id); not pickled
-
-        def __reduce__(self):
-            return _rebuild, ("callbacks", {"callbacks": self.callbacks})
-
-        def _all(self):
-            return [cb for cbs in self.callbacks.values() for cb in cbs]
-
-        def _route(self, hook: str, info: dict) -> None:
-            cell = cell_of(info.get("trial"))
-            for cb in self.callbacks.get(cell, ()):
-                getattr(cb, hook)(**info)
-            if hook in ("on_trial_complete", "on_trial_error") and self.on_end is not None and cell is not None:
-                self.on_end(cell)
-
-        def setup(self, **info):
-            for cb in self._all():
-                cb.setup(**info)
-
-        def on_step_begin(self, **info):
-            for cb in self._all():
-                cb.on_step_begin(**info)
-
-        def on_step_end(self, **info):
-            for cb in self._all():
-                cb.on_step_end(**info)
-
-        def on_experiment_end(self, trials, **info):
-            for cell, cbs in self.callbacks.items():
-                own = [t for t in trials if cell_of(t) == cell]
-                for cb in cbs:
-                    cb.on_experiment_end(trials=own, **info)
-
-        def on_trial_start(self, **info):
-            self._route("on_trial_start", info)
-
-        def on_trial_restore(self, **info):
-            self._route("on_trial_restore", info)
-
-        def on_trial_save(self, **info):
-            self._route("on_trial_save", info)
-
-        def on_trial_result(self, **info):
-            self._route("on_trial_result", info)
-
-        def on_trial_complete(self, **info):
-            self._route("on_trial_complete", info)
-
-        def on_trial_recover(self, **info):
-            self._route("on_trial_recover", info)
-
-        def on_trial_error(self, **info):
-            self._route("on_trial_error", info)
-
-        def on_checkpoint(self, **info):
-            self._route("on_checkpoint", info)
 
     return CellCallbacks
 
