@@ -214,4 +214,5 @@ def test_epoch_end_refresh_reads_the_whole_epoch_with_update_every(tiny_cfg):
     assert len(seen) == 8  # 256 samples / 32: refreshes after steps 3 and 6, then the epoch's end
     for m in trainer.modalities:
         p_true = torch.cat([u[m].double().softmax(1)[torch.arange(len(y)), y] for y, u in seen])
-        assert row[f"P_{m}"] == pytest.approx(float(p_true.mean()), rel=1e-9)  # eq 7 over the epoch
+        # eq 7 over the epoch (the last window alone gives 0.49 against 0.35; float32 log-softmax: ~1e-8)
+        assert row[f"P_{m}"] == pytest.approx(float(p_true.mean()), rel=1e-6)

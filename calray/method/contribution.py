@@ -94,7 +94,8 @@ class ContributionStats:
 
     Sums over samples: count; fused correct; per modality Σ[log p(y|all) − log p(y|all∖m)]
     (eq 8), Σ p^m(y|x^m) (eq 7), Σ unimodal correct, Σ KL(p^f ‖ p^m), and the first and second
-    moments of Z_m = [r_m, r_f] for the MI of eq 5. All float64.
+    moments of Z_m = [r_m, r_f] for the MI of eq 5. All float64 (the per-sample log-probabilities
+    behind the first four are computed in float32 from float32 logits).
 
     `flush_every=k` buffers k batches and accumulates them in one batched call (the same sums,
     ~k× fewer small kernels per step); every reader flushes first.
@@ -187,9 +188,12 @@ class ContributionStats:
         # predictions from the raw logits (the evaluation's argmax), fused and unimodal sets only
         correct = (logits[:1 + M].argmax(2) == y[None]).sum(1)
         # log-softmax over K in a class-major layout: reductions along a dim of K ≈ 6 elements are
-        # ~7× slower on CPU than along the N samples (docs/BENCHMARKS.md §5)
-        logp = F.log_softmax(logits.to(f64).transpose(1, 2).contiguous(), dim=1)  # S×K×N
-        lp_true = logp.gather(1, y[None, None].expand(len(logp), 1, N)).squeeze(1)  # S×N
+        # ~7× slower on CPU than along the N samples; in float32 (unless the logits are float64), since
+        # torch's float64 kernel is ~12× slower on CPU — the per-sample values carry ~1e-7 relative
+        # error, their sums below are float64 (docs/BENCHMARKS.md §5)
+        work = f64 if logits.dtype == f64 else torch.float32
+        logp = F.log_softmax(logits.to(work).transpose(1, 2).contiguous(), dim=1)  # S×K×N
+        lp_true = logp.gather(1, y[None, None].expand(len(logp), 1, N)).squeeze(1).to(f64)  # S×N
         lp_f, lp_u, lp_a = lp_true[0], lp_true[1:1 + M], lp_true[1 + M:]
         self.count += N
         self.fused_correct += correct[0]
@@ -197,7 +201,7 @@ class ContributionStats:
         self.loglik_gain += (lp_f[None] - lp_a).sum(1)
         self.true_prob += lp_u.exp().sum(1)
         logp_f = logp[0]
-        self.kl_sum += (logp_f.exp()[None] * (logp_f[None] - logp[1:1 + M])).sum((1, 2))
+        self.kl_sum += (logp_f.exp()[None] * (logp_f[None] - logp[1:1 + M])).sum((1, 2), dtype=f64)
         f = fused_rep.to(self.device, f64).reshape(N, -1)
         if self._stacked:
             r = torch.stack(list(reps)).to(self.device, f64).reshape(M, N, -1)
