@@ -21,8 +21,12 @@ MIN_BETA = 0.01  # floor for β before 1/β (inv_beta): caps that weight at 100
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Batch mean of KL(N(μ, diag e^{logvar}) ‖ N(0, I)) = ½ Σ_d (μ² + σ² − log σ² − 1), in nats."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=1).mean()
+    """Batch mean of KL(N(μ, diag e^{logvar}) ‖ N(0, I)) = ½ Σ_d (μ² + σ² − log σ² − 1), in nats.
+
+    Written as ½·d·mean_{b,d}(μ² + σ² − log σ²) − ½·d: four kernels and their backward instead of
+    eight, a measurable part of a small model's step (docs/BENCHMARKS.md §5)."""
+    d = mu.shape[1]
+    return torch.addcmul(logvar.exp() - logvar, mu, mu).mean() * (0.5 * d) - 0.5 * d
 
 
 def label_entropy(class_counts) -> float:
@@ -111,11 +115,11 @@ def aib_loss(kl: dict[str, torch.Tensor], ce: dict[str, torch.Tensor], h_y: floa
     """
     if placement not in AIB_PLACEMENTS:
         raise ValueError(f"unknown AIB placement {placement!r}; known: {AIB_PLACEMENTS}")
-    if placement == "eq19":
-        terms = [F.softplus(w * kl[m] - (h_y - ce[m])) for m, w in weights.items()]
-    else:
-        terms = [F.softplus(kl[m] - w * (h_y - ce[m])) for m, w in weights.items()]
-    if not terms:
-        ref = next(iter(kl.values()))
-        return ref.new_zeros(())
-    return torch.stack(terms).sum()
+    if not weights:
+        return next(iter(kl.values())).new_zeros(())
+    # one softplus over the stacked modalities; w stays a Python number (no host-to-device copy a step)
+    if placement == "eq19":  # softplus(w·KL − (H − CE)) = softplus(w·KL + CE − H)
+        weighted = torch.stack([w * kl[m] for m, w in weights.items()])
+        return F.softplus(weighted + torch.stack([ce[m] for m in weights]) - h_y).sum()
+    relevance = torch.stack([w * (h_y - ce[m]) for m, w in weights.items()])
+    return F.softplus(torch.stack([kl[m] for m in weights]) - relevance).sum()

@@ -20,14 +20,22 @@ class AsymmetricIB(Method):
 
     def __init__(self, cfg, modalities, context):
         super().__init__(cfg, modalities, context)
-        self.a = {m: 1.0 / len(self.modalities) for m in self.modalities}  # uniform until the first refresh
-        self.beta = compression_factors(self.a)
         self.h_y = label_entropy(context.train_class_counts)
+        self.a = {m: 1.0 / len(self.modalities) for m in self.modalities}  # uniform until the first refresh
+
+    @property
+    def a(self) -> dict[str, float]:
+        return self._a
+
+    @a.setter
+    def a(self, a: dict[str, float]) -> None:  # β and Table IV's weights follow a (fixed until the next refresh)
+        self._a = a
+        self.beta = compression_factors(a)
+        self.weights = aib_weights(a, self.cfg.method.aib)
 
     def on_contributions(self, W):
         m = self.cfg.method
         self.a = contribution_softmax(W, m.T if m.beta_T is None else m.beta_T)
-        self.beta = compression_factors(self.a)
         return {"beta": dict(self.beta)}
 
     def loss_terms(self, step: Step, terms):
@@ -36,7 +44,7 @@ class AsymmetricIB(Method):
             return terms
         m = self.cfg.method
         kl = {k: kl_to_standard_normal(out.mu[k].float(), out.logvar[k].float()) for k in out.mu}
-        l_aib = aib_loss(kl, step.ce, self.h_y, aib_weights(self.a, m.aib), m.aib_placement)
+        l_aib = aib_loss(kl, step.ce, self.h_y, self.weights, m.aib_placement)
         step.log["loss_aib"] = l_aib.detach()
         step.log.update({f"aib_kl_{k}": v.detach() for k, v in kl.items()})  # who is compressed
         return {**terms, "aib": m.lambda_ * l_aib}
@@ -46,4 +54,3 @@ class AsymmetricIB(Method):
 
     def load_state_dict(self, state: dict) -> None:
         self.a = dict(state["a"])
-        self.beta = compression_factors(self.a)
