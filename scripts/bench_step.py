@@ -11,6 +11,10 @@ prints the ratio of medians. Variants:
            torch's default (per-tensor) kernels — no bookkeeping (MLP presets / run configs only)
   pytorch_fused  the same peer with SGD(fused=True), the kernels calray's loop uses: `plain` /
            `pytorch_fused` is calray's bookkeeping alone, `plain` / `pytorch` what a user gains or pays
+  pytorch_aib  pytorch_fused plus the AIB as a user would write it: the same variational heads
+           (z = μ + σ·ε), λ·Σ_m softplus(β_m·KL_m − (H(Y) − CE_m)) with β = ½ (eq 19 placement, no
+           contribution tracking or modulation): `cal_aib` / `pytorch_aib` is CAL and calray's
+           bookkeeping on an AIB model, the arithmetic and the eager kernels of the AIB paid by both
 
   python scripts/bench_step.py --preset mlp                  # CPU, small model
   python scripts/bench_step.py --preset cremad --device cuda # CREMA-D shapes, ResNet18 pair
@@ -62,7 +66,9 @@ VARIANTS = {
     "plain": {"strategy": "none", "aib": "off", "track_contributions": False},
     "cal": {"strategy": "cal", "aib": "off"},
     "cal_aib": {"strategy": "cal", "aib": "beta", "lambda": 0.1},
+    "pytorch_aib": {"strategy": "cal", "aib": "beta", "lambda": 0.1},  # model source for the AIB peer
 }
+PEERS = ("pytorch", "pytorch_fused", "pytorch_aib")
 
 
 class RandomInputs(Dataset):
@@ -93,16 +99,29 @@ class HandWrittenStep:
             [torch.nn.Sequential(*[copy.deepcopy(layer) for layer in src.encoders[m].net]) for m in self.modalities])
         self.head = copy.deepcopy(src.fusion.head)
         self.dims = [src.fusion.dims[m] for m in self.modalities]
-        params = [*self.encoders.parameters(), *self.head.parameters()]
+        # the AIB peer: the trainer's variational heads (Linear h → [μ, log σ²]) and H(Y) of its labels
+        self.aib = torch.nn.ModuleList([copy.deepcopy(src.aib_heads[m].params) for m in self.modalities]
+                                       if len(src.aib_heads) else [])
+        self.h_y, self.lam = trainer.aib.h_y, trainer.cfg.method.lambda_
+        params = [*self.encoders.parameters(), *self.head.parameters(), *self.aib.parameters()]
         o = trainer.cfg.optim
         self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused)
 
     def train_step(self, inputs, labels, epoch: int, step: int) -> torch.Tensor:
         h = [enc(inputs[m].flatten(1)) for m, enc in zip(self.modalities, self.encoders)]
+        kls = []
+        for i, params in enumerate(self.aib):
+            mu, logvar = params(h[i]).chunk(2, dim=1)
+            logvar = logvar.clamp(-20.0, 20.0)
+            h[i] = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            kls.append(0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=1).mean())
         loss = F.cross_entropy(self.head(torch.cat(h, dim=1)), labels)
         w, offset = self.head.weight, 0
-        for hm, d in zip(h, self.dims):
-            loss = loss + F.cross_entropy(F.linear(hm, w[:, offset:offset + d], self.head.bias), labels)
+        for i, (hm, d) in enumerate(zip(h, self.dims)):
+            ce = F.cross_entropy(F.linear(hm, w[:, offset:offset + d], self.head.bias), labels)
+            loss = loss + ce
+            if self.aib:
+                loss = loss + self.lam * F.softplus(0.5 * kls[i] - (self.h_y - ce))
             offset += d
         loss.backward()
         self.opt.step()
@@ -110,7 +129,15 @@ class HandWrittenStep:
         return loss.detach()
 
 
-def make_trainer(preset: str, variant: str, device: str, amp: bool, tmp: Path) -> Trainer:
+def variant_method(variant: str, latent_dim: int | None) -> dict:
+    method = dict(VARIANTS[variant])
+    if latent_dim and method.get("aib", "off") != "off":
+        method["latent_dim"] = latent_dim
+    return method
+
+
+def make_trainer(preset: str, variant: str, device: str, amp: bool, tmp: Path,
+                 latent_dim: int | None = None) -> Trainer:
     shapes, encoders, k, batch = PRESETS[preset]
     ds = RandomInputs(shapes, k, batch)
     splits = DatasetSplits(ds, ds, ds, list(shapes), k)
@@ -118,17 +145,18 @@ def make_trainer(preset: str, variant: str, device: str, amp: bool, tmp: Path) -
         "name": f"bench_{variant}",
         "data": {"batch_size": batch},
         "model": {"encoders": encoders, "fusion": "concat"},
-        "method": VARIANTS[variant],
+        "method": variant_method(variant, latent_dim),
         "optim": {"name": "sgd", "lr": 1e-3},
         "runtime": {"device": device, "amp": amp, "output_dir": str(tmp), "progress": False},
     }, "bench")
     return Trainer(cfg, splits=splits)
 
 
-def make_trainer_from_config(path: Path, variant: str, device: str, amp: bool, tmp: Path) -> Trainer:
+def make_trainer_from_config(path: Path, variant: str, device: str, amp: bool, tmp: Path,
+                             latent_dim: int | None = None) -> Trainer:
     """The run config's own dataset, model and batch size; the variant sets the method."""
     tree = read_yaml(path)
-    overrides = {f"method.{k}": v for k, v in VARIANTS[variant].items()}
+    overrides = {f"method.{k}": v for k, v in variant_method(variant, latent_dim).items()}
     overrides.update({"runtime.device": device, "runtime.amp": amp, "runtime.output_dir": str(tmp),
                       "runtime.progress": False, "name": f"bench_{variant}"})
     return Trainer(config_from_dict(apply_overrides(tree, overrides), str(path)))
@@ -172,6 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="steps per round")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--latent-dim", type=int,
+                   help="the AIB latent size of cal_aib (default: each embedding's own width)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
     args = p.parse_args(argv)
@@ -181,16 +211,18 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     tmp = args.out.parent / f"bench_step_runs_{os.getpid()}"
     if args.run_config:
-        trainers = {v: make_trainer_from_config(args.run_config, v, args.device, not args.no_amp, tmp)
+        trainers = {v: make_trainer_from_config(args.run_config, v, args.device, not args.no_amp, tmp,
+                                                args.latent_dim)
                     for v in args.variants}
     else:
-        trainers = {v: make_trainer(args.preset, v, args.device, not args.no_amp, tmp) for v in args.variants}
-    for peer in ("pytorch", "pytorch_fused"):  # the peers: the same layers, run without calray's loop
+        trainers = {v: make_trainer(args.preset, v, args.device, not args.no_amp, tmp, args.latent_dim)
+                    for v in args.variants}
+    for peer in PEERS:  # the peers: the same layers, run without calray's loop
         if peer not in trainers:
             continue
         src = trainers[peer].raw_model
         if all(isinstance(src.encoders[m], MLPEncoder) for m in src.modalities) and hasattr(src.fusion, "head"):
-            trainers[peer] = HandWrittenStep(trainers[peer], fused=peer == "pytorch_fused")
+            trainers[peer] = HandWrittenStep(trainers[peer], fused=peer != "pytorch")
         else:
             print(f"{peer} peer: written for MLP encoders with a concat head; skipped for this model")
             del trainers[peer]
@@ -212,20 +244,25 @@ def main(argv=None) -> int:
     bs = len(labels)
     source = f"run config {args.run_config}" if args.run_config else f"preset {args.preset}"
     print(f"{source}, device {first.device}, batch {bs}, amp {first.amp}, threads {torch.get_num_threads()}, "
-          f"{args.rounds} rounds × {args.steps} steps (median per step)")
+          f"{args.rounds} rounds × {args.steps} steps (median per step)"
+          + (f", AIB latent {args.latent_dim}" if args.latent_dim else ""))
     peer = med.get("pytorch")
     print(f"{'variant':<14}{'ms/step':>10}{'samples/s':>12}{'× plain':>10}{'× pytorch':>11}")
     for v, m in med.items():
         ratio = f"{m / base:.3f}" if base else "-"
         vs_peer = f"{m / peer:.3f}" if peer else "-"
         print(f"{v:<14}{m * 1e3:>10.2f}{bs / m:>12.0f}{ratio:>10}{vs_peer:>11}")
+    aib_peer = med.get("pytorch_aib")
+    if aib_peer and "cal_aib" in med:
+        print(f"cal_aib / pytorch_aib: {med['cal_aib'] / aib_peer:.3f} (CAL and calray's bookkeeping on the AIB model)")
     result = {
         "preset": None if args.run_config else args.preset, "run_config": str(args.run_config or ""),
-        "device": str(first.device), "batch": bs, "amp": first.amp,
+        "device": str(first.device), "batch": bs, "amp": first.amp, "latent_dim": args.latent_dim,
         "samples_per_s": {v: bs / m for v, m in med.items()},
         "ms_per_step": {v: m * 1e3 for v, m in med.items()},
         "ratio_to_plain": {v: m / base for v, m in med.items()} if base else None,
         "ratio_to_pytorch": {v: m / peer for v, m in med.items()} if peer else None,
+        "cal_aib_to_pytorch_aib": med["cal_aib"] / aib_peer if aib_peer and "cal_aib" in med else None,
         "rounds": {v: [x * 1e3 for x in ts] for v, ts in times.items()},
         "env": environment(first.device),
     }

@@ -39,6 +39,42 @@ def test_bench_step_on_a_run_config_writes_ratios(bench, tmp_path, capsys):
     assert "× plain" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("variant,peer", [("plain", "pytorch"), ("plain", "pytorch_fused"),
+                                          ("cal_aib", "pytorch_aib")])
+def test_hand_written_peers_compute_calrays_loss(bench, tmp_path, variant, peer):
+    """The peers time the same model and loss as calray's step: their first loss on the same batch, from
+    the same weights and the same reparameterisation noise, is calray's (the AIB one: the same as a
+    `cal_aib` step before any refresh, a uniform, so β = ½)."""
+    import torch
+
+    b = bench["step"]
+    trainer = b.make_trainer("mlp", variant, "cpu", False, tmp_path, latent_dim=8)
+    hand = b.HandWrittenStep(b.make_trainer("mlp", peer, "cpu", False, tmp_path, latent_dim=8), fused=True)
+    hand.encoders.load_state_dict({k.replace("net.", ""): v for k, v in
+                                   {f"{i}.{n}": t for i, m in enumerate(trainer.modalities)
+                                    for n, t in trainer.raw_model.encoders[m].state_dict().items()}.items()})
+    hand.head.load_state_dict(trainer.raw_model.fusion.head.state_dict())
+    for i, m in enumerate(trainer.modalities if len(hand.aib) else []):
+        hand.aib[i].load_state_dict(trainer.raw_model.aib_heads[m].params.state_dict())
+    inputs, labels = next(iter(trainer.train_loader))
+    trainer.model.train()
+    torch.manual_seed(3)
+    ours = float(trainer.train_step(inputs, labels, epoch=0, step=0))
+    torch.manual_seed(3)
+    theirs = float(hand.train_step(inputs, labels, epoch=0, step=0))
+    assert theirs == pytest.approx(ours, rel=1e-5)
+
+
+def test_bench_step_aib_peer_ratio_is_written(bench, tmp_path, capsys):
+    out = tmp_path / "aib.json"
+    assert bench["step"].main(["--preset", "mlp", "--variants", "cal_aib", "pytorch_aib", "--latent-dim", "8",
+                               "--rounds", "1", "--steps", "2", "--warmup", "1", "--threads", "1",
+                               "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["latent_dim"] == 8 and result["cal_aib_to_pytorch_aib"] > 0
+    assert "cal_aib / pytorch_aib" in capsys.readouterr().out
+
+
 def test_barrier_releases_when_all_copies_arrived_and_names_itself_otherwise(bench, tmp_path):
     bench["step"].wait_for_peers(tmp_path / "b1", 1)
     (tmp_path / "b2").mkdir()
