@@ -18,7 +18,8 @@ import calray.models.eau as eau_mod
 from calray.engine.trainer import Trainer
 from calray.errors import ConfigError
 from calray.method.eau import info_nce, kl_regular
-from calray.models.eau import EAUFusion, global_noise, kl_to_standard_normal, unpack, variance_weights
+from calray.method.aib import kl_to_standard_normal
+from calray.models.eau import EAUFusion, global_noise, unpack, variance_weights
 from tests.baselines_t2a import fixture_cli_run
 
 MODS = ("audio", "visual")

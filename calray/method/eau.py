@@ -34,9 +34,10 @@ from pydantic import Field
 from calray.config import Strict
 from calray.dist import all_reduce_sum, world_size
 from calray.errors import ConfigError
+from calray.method.aib import kl_to_standard_normal  # the reference's KL_normal: the same bound
 from calray.method.base import Method, Step
 from calray.method.qmf import global_batch
-from calray.models.eau import kl_to_standard_normal, unpack
+from calray.models.eau import unpack
 from calray.registry import STRATEGIES
 
 

@@ -51,11 +51,6 @@ def variance_weights(logvars: list[torch.Tensor]) -> torch.Tensor:
     return torch.softmax(-torch.stack(logvars).exp(), dim=0)
 
 
-def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(μ, σ²) ‖ N(0, I)) summed over dimensions, batch mean (the reference's KL_normal)."""
-    return (-(1 + logvar - mu.pow(2) - logvar.exp()) / 2).sum(1).mean()
-
-
 def global_noise(seed: int, step: int, n_local: int, sizes: list[int]) -> list[torch.Tensor]:
     """Standard normal draws (n_local × d each) for this rank's rows of the global batch."""
     world = dist.get_world_size() if is_distributed() else 1
