@@ -95,7 +95,7 @@ class ContributionStats:
     Sums over samples: count; fused correct; per modality Σ[log p(y|all) − log p(y|all∖m)]
     (eq 8), Σ p^m(y|x^m) (eq 7), Σ unimodal correct, Σ KL(p^f ‖ p^m), and the first and second
     moments of Z_m = [r_m, r_f] for the MI of eq 5. All float64 (the per-sample log-probabilities
-    behind the first four are computed in float32 from float32 logits).
+    behind the eq 8, eq 7 and KL sums are computed in float32 from float32 logits).
 
     `flush_every=k` buffers k batches and accumulates them in one batched call (the same sums,
     ~k× fewer small kernels per step); every reader flushes first.
