@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--latent-dim", type=int,
-                   help="the AIB latent size of cal_aib (default: each embedding's own width)")
+                   help="the AIB latent size of cal_aib and pytorch_aib (default: each embedding's own width)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
     args = p.parse_args(argv)
