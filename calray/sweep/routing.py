@@ -202,9 +202,6 @@ class _CellRouting:
     def __reduce__(self):
         return _rebuild, ("callbacks", {"callbacks": self.callbacks})
 
-    def _all(self):
-        return [cb for cbs in self.callbacks.values() for cb in cbs]
-
     def _route(self, hook: str, info: dict) -> None:
         cell = cell_of(info.get("trial"))
         for cb in self.callbacks.get(cell, ()):
@@ -212,17 +209,19 @@ class _CellRouting:
         if hook in ("on_trial_complete", "on_trial_error") and self.on_end is not None and cell is not None:
             self.on_end(cell)
 
+    def _broadcast(self, hook: str, info: dict) -> None:  # a global hook: every cell's callbacks
+        for cbs in self.callbacks.values():
+            for cb in cbs:
+                getattr(cb, hook)(**info)
+
     def setup(self, **info):
-        for cb in self._all():
-            cb.setup(**info)
+        self._broadcast("setup", info)
 
     def on_step_begin(self, **info):
-        for cb in self._all():
-            cb.on_step_begin(**info)
+        self._broadcast("on_step_begin", info)
 
     def on_step_end(self, **info):
-        for cb in self._all():
-            cb.on_step_end(**info)
+        self._broadcast("on_step_end", info)
 
     def on_experiment_end(self, trials, **info):
         for cell, cbs in self.callbacks.items():
