@@ -122,3 +122,38 @@ def test_fused_optimiser_kernels_update_as_the_per_tensor_ones(tiny_cfg, monkeyp
     assert not any(g["fused"] for g in per_tensor.optimizer.param_groups)
     for (name, a), b in zip(fused.raw_model.state_dict().items(), per_tensor.raw_model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def sgd_run(params, grads_per_step, **kw) -> list[torch.Tensor]:
+    """Apply the given gradients (None: that parameter has none in that step) with SGD, return the
+    parameters after the last step."""
+    from calray.engine.optim import prime_momentum
+
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    primed = kw.pop("primed", False)
+    opt = torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, **kw)
+    if primed:
+        prime_momentum(opt)
+    for grads in grads_per_step:
+        for p, g in zip(ps, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    return [p.detach() for p in ps]
+
+
+def test_primed_fused_sgd_is_torch_s_and_takes_a_late_first_gradient():
+    """calray primes fused SGD's momentum buffers with zeros: bit for bit torch's fused SGD, and, unlike
+    it, a parameter whose first gradient comes after other parameters' (a frozen encoder) is updated
+    as torch's per-tensor SGD updates it."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=g) for _ in range(3)]
+    steps = [[torch.randn(5, 3, generator=g) for _ in params] for _ in range(4)]
+    for a, b in zip(sgd_run(params, steps, fused=True, primed=True), sgd_run(params, steps, fused=True)):
+        assert torch.equal(a, b)
+    late = [[None if (i == 2 and t < 2) else x for i, x in enumerate(grads)] for t, grads in enumerate(steps)]
+    with pytest.raises(TypeError):  # torch's fused kernel without priming
+        sgd_run(params, late, fused=True)
+    primed, per_tensor = sgd_run(params, late, fused=True, primed=True), sgd_run(params, late, foreach=False)
+    for a, b in zip(primed, per_tensor):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(primed[2], params[2])

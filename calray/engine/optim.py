@@ -60,11 +60,25 @@ def can_fuse(params) -> bool:
     return all(p.is_floating_point() and not p.is_sparse and p.device.type in FUSED_DEVICES for p in params)
 
 
+def prime_momentum(sgd: torch.optim.SGD) -> None:
+    """Zero momentum buffers from the start. torch's fused SGD creates them only on a step where no
+    parameter has one, and fails on a step where some have one and others not: a parameter whose
+    first gradient comes later (MMBT's freeze schedule, calray.models.mmbt). With dampening 0 the
+    first step from a zero buffer, 0.9·0 + g, is torch's lazily created buffer g, bit for bit (tested)."""
+    for group in sgd.param_groups:
+        if group["momentum"] != 0 and group["dampening"] == 0:
+            for p in group["params"]:
+                sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+
 def _torch_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     fused = can_fuse(p for g in groups for p in g["params"])
     if name == "sgd":
         groups = [{k: v for k, v in g.items() if k != "betas"} for g in groups]
-        return torch.optim.SGD(groups, lr=groups[0]["lr"], fused=fused)
+        sgd = torch.optim.SGD(groups, lr=groups[0]["lr"], fused=fused)
+        if fused:
+            prime_momentum(sgd)
+        return sgd
     groups = [{k: v for k, v in g.items() if k != "momentum"} for g in groups]
     cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
     return cls(groups, lr=groups[0]["lr"], fused=fused)
