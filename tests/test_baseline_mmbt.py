@@ -98,12 +98,19 @@ def test_region_grid_and_pool_type(mvsa_cfg):
     assert torch.allclose(embs["image"], want + model.fusion.proj.bias, atol=1e-5)
 
 
+def exact_step_overrides() -> dict:
+    """One plain SGD update per batch, dropout off: a step is a deterministic function of the batch."""
+    return {"optim.grad_accum": 1, "optim.name": "sgd", "optim.lr": 0.1, "optim.scheduler": "none",
+            "model.encoders.text.bert_config.hidden_dropout_prob": 0.0,
+            "model.encoders.text.bert_config.attention_probs_dropout_prob": 0.0}
+
+
 def test_one_train_step_is_the_fused_ce_and_trains_both_encoders(mvsa_cfg):
     """MMBT as QMF trains it: CE(fused) only (`method.unimodal_weight: 0`); the gradient reaches the
-    ResNet, the BERT and the shared projection/pooler/classifier. Dropout off: the step is exact."""
-    cfg = mvsa_cfg(**{"optim.grad_accum": 1, "optim.name": "sgd", "optim.lr": 0.1, "optim.scheduler": "none",
-                      "model.encoders.text.bert_config.hidden_dropout_prob": 0.0,
-                      "model.encoders.text.bert_config.attention_probs_dropout_prob": 0.0})
+    ResNet, the BERT and the shared projection/pooler/classifier. Dropout and the freeze schedule off: the
+    step is exact."""
+    cfg = mvsa_cfg(**exact_step_overrides(), **{"model.fusion_params.freeze_image_epochs": 0,
+                                                 "model.fusion_params.freeze_text_epochs": 0})
     trainer = Trainer(cfg)
     model = trainer.raw_model
     inputs, labels = next(iter(trainer.train_loader))
@@ -142,3 +149,29 @@ def test_cli_run_on_the_mvsa_fixture(mvsa_cfg, tmp_path):
     assert summary["epochs_run"] == 1 and summary["test"]["n"] == 3 and "acc_text" in summary["test"]
     rows = [json.loads(r) for r in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
     assert "W_text" in rows[0] and "a_image" in rows[0]  # CAL's contributions on top of MMBT
+
+
+@pytest.mark.parametrize("epoch,frozen", [(0, ("encoders.image.", "encoders.text.net.encoder.")),
+                                          (2, ("encoders.image.", "encoders.text.net.encoder.")),
+                                          (3, ("encoders.text.net.encoder.",)), (5, ())])
+def test_freeze_schedule_skips_the_reference_s_parameters_and_nothing_else(mvsa_cfg, epoch, frozen):
+    """QMF's --freeze_img 3 --freeze_txt 5 (the defaults): in epoch e < 3 the ResNet and BERT's transformer
+    layers keep their values, from 3 the ResNet trains, from 5 everything. Every other parameter (the
+    word embeddings among them) takes exactly the update of a run without the schedule."""
+    no_freeze = {"model.fusion_params.freeze_image_epochs": 0, "model.fusion_params.freeze_text_epochs": 0}
+    runs = {name: Trainer(mvsa_cfg(**exact_step_overrides(), **extra)) for name, extra in
+            [("schedule", {}), ("none", no_freeze)]}
+    assert runs["schedule"].raw_model.fusion.params.freeze_image_epochs == 3
+    start = {k: v.clone() for k, v in runs["none"].raw_model.state_dict().items()}
+    inputs, labels = next(iter(runs["none"].train_loader))
+    for trainer in runs.values():
+        trainer.train_step(inputs, labels, epoch=epoch, step=0)
+    free = dict(runs["none"].raw_model.named_parameters())
+    for name, p in runs["schedule"].raw_model.named_parameters():
+        if name.startswith(frozen):
+            assert torch.equal(p, start[name]), name
+        else:
+            assert torch.equal(p, free[name]), name
+    moved = {name for name, p in free.items() if not torch.equal(p, start[name])}
+    assert bool(frozen) == any(name.startswith(frozen) for name in moved)  # the schedule held back updates
+    assert any(name.startswith("encoders.text.net.embeddings.") for name in moved)

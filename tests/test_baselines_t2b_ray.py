@@ -107,6 +107,9 @@ def test_mmtm_two_workers_match_one_process(ray_local, tmp_path):
 
 def test_mmbt_two_workers_match_one_process(ray_local, tmp_path):
     bert = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    # the freeze schedule holds the ResNet and BERT's layers in the first of the two epochs, on every rank
     assert_equivalent("mvsa_mmbt.yaml", "mvsa", tmp_path, {"model.encoders.text.bert_config": bert,
-                                                            "data.params.image_size": 64, "data.params.resize_size": 64},
+                                                            "data.params.image_size": 64, "data.params.resize_size": 64,
+                                                            "model.fusion_params.freeze_image_epochs": 1,
+                                                            "model.fusion_params.freeze_text_epochs": 1},
                       one_image)

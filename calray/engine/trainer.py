@@ -274,6 +274,7 @@ class Trainer:
         if update:
             for method in self.methods:  # eq 14 is linear: scaling the accumulated sum = scaling each part
                 method.after_backward(self.raw_model, s)
+            self.raw_model.drop_frozen_gradients(epoch)  # the fusion's freeze schedule (MMBT), after the plug-ins
             if self.cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.grad_clip)
             self.optimizer.step()

@@ -26,6 +26,8 @@ class Fusion(nn.Module):
                              the fusion needs (ConfigError naming the key); default: nothing;
       `encode(encoders, inputs)`  the batch's embeddings {m: h_m}, replacing the independent
                              per-modality encoding; default: each encoder on its own input.
+A fusion whose published recipe freezes parameters for its first epochs (MMBT) also overrides
+      `frozen_parameters(epoch)`  the parameters not updated in that (0-based) epoch; default none.
     The embeddings go on through the AIB heads (if any) to `forward` and `unimodal_logits` as for
     any fusion, so the zero-fill definitions below apply to what `encode` returns; a joint fusion
     documents what "modality m alone" then means. `modality_parameters(m)` stays encoder m (+ its
@@ -47,6 +49,9 @@ class Fusion(nn.Module):
 
     def encode(self, encoders, inputs: dict) -> dict[str, torch.Tensor]:
         return {m: encoders[m](inputs[m]) for m in encoders}
+
+    def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
+        return []
 
     def forward(self, embs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

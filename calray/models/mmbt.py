@@ -52,6 +52,11 @@ class MMBTFusion(Fusion):
         # else the text encoder's pretrained_path)
         cls_token_id: int | None = Field(None, ge=0)
         sep_token_id: int | None = Field(None, ge=0)
+        # epochs (from the first) without an update of the ResNet / of BERT's transformer layers: QMF
+        # train_qmf.py's --freeze_img 3 --freeze_txt 5 (facebookresearch/mmbt: 0, 0); the word embeddings,
+        # region projection, pooler and classifier always train
+        freeze_image_epochs: int = Field(3, ge=0)
+        freeze_text_epochs: int = Field(5, ge=0)
 
     def __init__(self, dims, num_classes, fusion_dim, params=None):
         super().__init__(dims, num_classes, fusion_dim, params)
@@ -61,6 +66,7 @@ class MMBTFusion(Fusion):
         pool = nn.AdaptiveAvgPool2d if self.params.img_embed_pool_type == "avg" else nn.AdaptiveMaxPool2d
         self.pool = pool(grid)
         self._bert: list[nn.Module] = []  # the text encoder's BertModel, referenced (not owned): bind
+        self._freeze: list[tuple[int, list[nn.Parameter]]] = []  # (epochs, parameters), referenced: bind
 
     def bind(self, encoders, cfg) -> None:
         kinds = {m: type(e) for m, e in encoders.items()}
@@ -80,6 +86,13 @@ class MMBTFusion(Fusion):
             self.pooler.load_state_dict(bert.pooler.dense.state_dict())
         self.head = nn.Linear(hidden, self.num_classes)
         self._bert[:] = [bert]
+        self._freeze[:] = [(self.params.freeze_image_epochs, list(encoders[self.image].parameters())),
+                           (self.params.freeze_text_epochs, list(bert.encoder.parameters()))]
+
+    def frozen_parameters(self, epoch):
+        """The reference's schedule (model_forward): the image encoder while epoch < freeze_image_epochs,
+        BERT's encoder (its transformer layers, not the embeddings) while epoch < freeze_text_epochs."""
+        return [p for epochs, params in self._freeze if epoch < epochs for p in params]
 
     def encode(self, encoders, inputs):
         net = encoders[self.image].net

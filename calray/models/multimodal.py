@@ -62,6 +62,15 @@ class MultimodalModel(nn.Module):
         own = {id(p) for m in self.modalities for p in self.modality_parameters(m)}
         return [p for p in self.parameters() if id(p) not in own]
 
+    def drop_frozen_gradients(self, epoch: int) -> None:
+        """No update this epoch for the parameters the fusion's recipe freezes (Fusion.frozen_parameters).
+
+        Their gradients are computed, and all-reduced under DDP, then dropped: toggling requires_grad
+        instead would change the set of parameters DDP's reducer waits for between epochs. An optimiser
+        skips a parameter without a gradient (no weight decay, no moment update), as for a frozen one."""
+        for p in self.fusion.frozen_parameters(epoch):
+            p.grad = None
+
     def embedding_mean(self, m: str) -> torch.Tensor:
         return getattr(self, f"emb_mean_{m}")
 
