@@ -175,3 +175,18 @@ def test_freeze_schedule_skips_the_reference_s_parameters_and_nothing_else(mvsa_
     moved = {name for name, p in free.items() if not torch.equal(p, start[name])}
     assert bool(frozen) == any(name.startswith(frozen) for name in moved)  # the schedule held back updates
     assert any(name.startswith("encoders.text.net.embeddings.") for name in moved)
+
+
+def test_preset_skips_the_backward_of_the_two_unimodal_passes(mvsa_cfg):
+    """The preset's loss is the fused CE only (strategy none, unimodal weight 0): the two missing-modality
+    BERT passes run without autograd (1.79× faster steps at BERT-base size, docs/baselines/mmbt.md), and
+    the update is the one with autograd on them."""
+    trainer = Trainer(mvsa_cfg(**exact_step_overrides()))
+    assert trainer.raw_model.unimodal_grad is False
+    reference = copy.deepcopy(trainer)
+    reference.raw_model.unimodal_grad = True
+    inputs, labels = next(iter(trainer.train_loader))
+    for t in (trainer, reference):
+        t.train_step(inputs, labels, epoch=5, step=0)  # past the freeze schedule: every parameter moves
+    for (name, a), b in zip(trainer.raw_model.named_parameters(), reference.raw_model.parameters()):
+        assert torch.equal(a, b), name

@@ -21,7 +21,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 def bench():
     sys.path.insert(0, str(SCRIPTS))
     try:
-        yield {name: importlib.import_module(f"bench_{name}") for name in ("step", "sweep", "loader")}
+        yield {name: importlib.import_module(f"bench_{name}") for name in ("step", "sweep", "loader", "unimodal_grad")}
     finally:
         sys.path.remove(str(SCRIPTS))
 
@@ -111,3 +111,9 @@ def test_bench_loader_compares_whole_and_per_sample_batches(bench, tmp_path, cap
     result = json.loads(out.read_text())
     assert set(result["ms_per_batch"]) == {"per_sample", "whole_batch"} and len(result["rounds"]["per_sample"]) == 2
     assert "whole-batch loader" in capsys.readouterr().out
+
+
+def test_bench_unimodal_grad_runs_both_settings(bench, capsys):
+    bench["unimodal_grad"].main(["--layers", "1", "--tokens", "16", "--rounds", "1", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert "with autograd" in out and "without autograd" in out and "ratio with / without" in out

@@ -40,7 +40,7 @@ from calray.engine.runinfo import rng_state, seed_everything, set_rng_state
 from calray.errors import TrainingError
 from calray.io import BEST_CHECKPOINT, CHECKPOINTS_DIR, LAST_CHECKPOINT
 from calray.method.base import MethodContext, Step
-from calray.method.plugins import create_methods
+from calray.method.plugins import create_methods, unimodal_logits_need_grad
 from calray.models import build_model
 
 Reporter = Callable[[dict, "Path | None"], None]
@@ -177,6 +177,7 @@ class Trainer:
 
         torch.manual_seed(cfg.runtime.seed)  # model init independent of dataset construction
         model = build_model(cfg, self.splits).to(self.device)
+        model.unimodal_grad = unimodal_logits_need_grad(cfg)  # before DDP's probe of unused parameters
         self.raw_model = model.to(memory_format=torch.channels_last) if self.channels_last else model
         self.model = self.ctx.wrap_model(self.raw_model) if self.ctx.wrap_model else self.raw_model
         self.optimizer = build_optimizer(cfg.optim, self.raw_model, self.modalities)

@@ -36,6 +36,12 @@ plug-in itself averages the gradients over ranks (calray.dist.all_reduce_sum / w
 anything nonlinear is computed from them, once per optimiser update (in `after_backward`), so 2 workers
 × batch b compute what 1 process × 2b does. Every parameter's `.grad` must be synchronised by it.
 
+A gradient strategy may set `unimodal_gradients = False` when it puts neither the unimodal logits nor
+their cross-entropies into the loss (it may read their values, as CAL's statistics and OGM-GE's scores
+do). With `method.unimodal_weight: 0` and `method.aib: off` the model then computes the unimodal logits
+without autograd (`unimodal_logits_need_grad`): no backward through terms weighted 0 — for a joint
+encoder (MMBT) two of its three passes.
+
 Every hook defaults to doing nothing, so a plug-in implements only what its method does. A
 plug-in registers itself by name in a registry (calray.registry), and `create_methods` builds the
 run's plug-ins from the config: the gradient strategy (`method.strategy`) and the AIB.
@@ -79,6 +85,7 @@ class Method:
 
     name = "base"
     Params = None  # a calray.config.Strict model of `method.params`, or None: the method takes none
+    unimodal_gradients = True  # the loss may use the unimodal logits / CEs (see the module docstring)
 
     def __init__(self, cfg, modalities: list[str], context: "MethodContext"):
         self.cfg = cfg

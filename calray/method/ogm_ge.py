@@ -22,6 +22,7 @@ GENERATOR_OFFSET = 7919  # the GE noise generator is seeded from runtime.seed + 
 
 class OnTheFlyModulation(Method):
     modulates = True
+    unimodal_gradients = False  # the scores read the unimodal logits' values only
 
     def __init__(self, cfg, modalities, context):
         super().__init__(cfg, modalities, context)

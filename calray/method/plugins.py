@@ -29,3 +29,11 @@ def create_methods(cfg, modalities: list[str], context: MethodContext) -> list[M
 def modulates_gradients(strategy: str) -> bool:
     """Whether `strategy` rescales gradients (and so is undone by an adaptive optimiser)."""
     return bool(getattr(STRATEGIES.get(strategy), "modulates", False))
+
+
+def unimodal_logits_need_grad(cfg) -> bool:
+    """Whether the run's loss can depend on the unimodal logits: a nonzero `method.unimodal_weight`, the
+    AIB (its eq 19/20 terms hold the unimodal CEs), or a strategy that does not declare
+    `unimodal_gradients = False` (calray.method.base)."""
+    m = cfg.method
+    return m.unimodal_weight != 0 or m.aib != "off" or bool(getattr(STRATEGIES.get(m.strategy), "unimodal_gradients", True))

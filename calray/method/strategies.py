@@ -19,6 +19,7 @@ class ContributionModulation(Method):
     """Eq 12–14 with a rule W → a given by `coefficients`."""
 
     modulates = True  # the gradient is rescaled: an adaptive optimiser undoes it (calray.engine.optim)
+    unimodal_gradients = False  # the statistics read the unimodal logits' values only
 
     def __init__(self, cfg, modalities, context):
         super().__init__(cfg, modalities, context)

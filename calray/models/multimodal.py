@@ -44,6 +44,7 @@ class MultimodalModel(nn.Module):
             self.register_buffer(f"emb_mean_{m}", torch.zeros(fusion.dims[m]))
         self.register_buffer("emb_mean_steps", torch.zeros((), dtype=torch.long))
         self._modality_params: dict[str, list[nn.Parameter]] = {}  # modality_parameters' cache
+        self.unimodal_grad = True  # False: the unimodal logits without autograd (set by the trainer)
 
     def modality_parameters(self, m: str) -> list[nn.Parameter]:
         """θ_m of eq 11: the parameters exclusive to modality m's branch (encoder + AIB head).
@@ -88,10 +89,11 @@ class MultimodalModel(nn.Module):
                     self.embedding_mean(m).lerp_(h.detach().float().mean(0), rate)
                 self.emb_mean_steps += 1
         fused_repr, fused_logits = self.fusion(embs)
-        if self.separate_heads:
-            unimodal = {m: self.separate_heads[m](embs[m]) for m in self.modalities}
-        else:
-            unimodal = {m: self.fusion.unimodal_logits(embs, m) for m in self.modalities}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.unimodal_grad):
+            if self.separate_heads:
+                unimodal = {m: self.separate_heads[m](embs[m]) for m in self.modalities}
+            else:
+                unimodal = {m: self.fusion.unimodal_logits(embs, m) for m in self.modalities}
         ablated = {}
         if ablation == "zero" and self._ablation_is_unimodal():
             # two modalities, shared head: "fusion without m" is exactly the other's unimodal logits
