@@ -64,7 +64,7 @@ def prime_momentum(sgd: torch.optim.SGD) -> None:
     """Zero momentum buffers from the start. torch's fused SGD creates them only on a step where no
     parameter has one, and fails on a step where some have one and others not: a parameter whose
     first gradient comes later (MMBT's freeze schedule, calray.models.mmbt). With dampening 0 the
-    first step from a zero buffer, 0.9·0 + g, is torch's lazily created buffer g, bit for bit (tested)."""
+    first step from a zero buffer, μ·0 + g, is torch's lazily created buffer g, bit for bit (tested)."""
     for group in sgd.param_groups:
         if group["momentum"] != 0 and group["dampening"] == 0:
             for p in group["params"]:

@@ -26,7 +26,7 @@ class Fusion(nn.Module):
                              the fusion needs (ConfigError naming the key); default: nothing;
       `encode(encoders, inputs)`  the batch's embeddings {m: h_m}, replacing the independent
                              per-modality encoding; default: each encoder on its own input.
-A fusion whose published recipe freezes parameters for its first epochs (MMBT) also overrides
+    A fusion whose published recipe freezes parameters for its first epochs (MMBT) also overrides
       `frozen_parameters(epoch)`  the parameters not updated in that (0-based) epoch; default none.
     The embeddings go on through the AIB heads (if any) to `forward` and `unimodal_logits` as for
     any fusion, so the zero-fill definitions below apply to what `encode` returns; a joint fusion
