@@ -100,7 +100,7 @@ def test_only_the_unimodal_losses_are_optimised(tiny_cfg):
     inputs, y = next(iter(trainer.train_loader))
     with torch.no_grad():
         out = trainer.raw_model(inputs)
-    expected = sum(F.cross_entropy(trainer.raw_model.fusion.head(out.embeddings[m]), y) for m in ("audio", "visual"))
+        expected = sum(F.cross_entropy(trainer.raw_model.fusion.head(out.embeddings[m]), y) for m in ("audio", "visual"))
     assert float(trainer.train_step(inputs, y, epoch=0, step=0)) == pytest.approx(float(expected), rel=1e-6)
 
 
