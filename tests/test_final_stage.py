@@ -7,6 +7,7 @@ sweep (Optuna continues its study) and --retry-failed re-runs a failed trial's p
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,32 @@ def test_final_stage_rows_are_the_runs_summaries_reused_and_resumed(ray_tune_loc
     again = pd.read_csv(sdir / "final.csv")
     assert len(again) == 4 and not again.duplicated(["cell", "seed"]).any() and set(again.status) == {"ok"}
     assert (lost / "summary.json").is_file()
+
+
+def test_a_batch_reuses_one_worker_process_and_its_datasets_without_leaking_state(ray_tune_local, tmp_path):
+    """Fixed runs share a worker process (ray.reuse_actors): the third run, the first's config in another
+    run dir after a run on other (noisy) data, trains exactly as the first did in a fresh process."""
+    from calray.config import config_from_dict
+    from calray.io import METRICS_FILE, TRAIN_LOG, read_jsonl
+    from calray.ray.batch import FixedRun, reuse_actors, run_batch
+
+    def run(name: str, **sections) -> FixedRun:
+        tree = tiny_run_dict(tmp_path, optim={"name": "sgd", "lr": 0.05, "epochs": 2}, **sections)
+        tree["runtime"].update(run_name=name, resume=True)
+        return FixedRun(config_from_dict(tree, name).to_dict(), label=name)
+
+    runs = [run("first"), run("noisy", noise={"kind": "gaussian", "eps": 5.0, "mode": "train+test"}), run("again")]
+    assert reuse_actors(runs) and not reuse_actors([run("ddp", distributed={"workers": 2}), *runs])
+    assert run_batch(runs, tmp_path / "tune", "reuse", {"cpu": 1}, max_concurrent=1, quiet=True) == {}
+    logs = [re.fullmatch(r"datasets: (reused|built) .*\(worker pid (\d+)\)", (r.run_dir / TRAIN_LOG).read_text()
+                         .splitlines()[0]).groups() for r in runs]
+    assert [event for event, _ in logs] == ["built", "built", "reused"]
+    assert len({pid for _, pid in logs}) == 1  # one worker process
+    first, again = (read_jsonl(r.run_dir / METRICS_FILE) for r in (runs[0], runs[2]))
+    keys = ("train_loss", "val_acc", "W_audio", "a_audio")
+    assert [[row[k] for k in keys] for row in again] == [[row[k] for k in keys] for row in first]
+    assert (json.loads((runs[2].run_dir / "summary.json").read_text())["test"]
+            == json.loads((runs[0].run_dir / "summary.json").read_text())["test"])
 
 
 def test_num_samples_extends_a_finished_sweep_and_retry_failed_reruns_a_failed_trial(ray_tune_local, tmp_path):

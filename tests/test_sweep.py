@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from calray.config import load_config
@@ -204,25 +205,85 @@ def test_a_restored_tuner_prints_with_the_running_sweeps_display(tmp_path):
     assert again._display is resumed and again._quiet()
 
 
-def _fake_splits(cfg):
-    _fake_splits.built.append(cfg.noise.eps)
-    return [cfg.noise.eps]
+class _FakeSplits:
+    """A stand-in for DatasetSplits holding `mb` MiB of float32 (a tensor shared by val/test)."""
+
+    built: list = []
+
+    def __init__(self, cfg, mb: int = 1):
+        self.eps = cfg.noise.eps
+        self.train = torch.zeros(mb * 2**18)
+        self.val = self.test = torch.zeros(mb * 2**18)
 
 
-def test_splits_cache_keeps_one_dataset_and_pickles_empty(tiny_cfg):
+def _fake_build_mb(mb: int, cfg):
+    _FakeSplits.built.append(cfg.noise.eps)
+    return _FakeSplits(cfg, mb)
+
+
+def _fake_build(mb: int):
+    import functools
+
+    return functools.partial(_fake_build_mb, mb)  # picklable
+
+
+def test_splits_cache_keeps_alternating_blocks_within_its_budget_and_pickles_empty(tiny_cfg):
     import pickle
 
-    from calray.ray.trial import SplitsCache
+    from calray.ray.splits import SplitsCache
 
-    _fake_splits.built = []
-    cache = SplitsCache(build=_fake_splits)
-    clean, noisy = tiny_cfg(), tiny_cfg(noise={"kind": "gaussian", "eps": 5.0})
-    first = cache.get(clean)
-    assert cache.get(clean) is first and _fake_splits.built == [0.0]  # the same blocks: reused
-    assert cache.get(noisy) == [5.0] and cache.get(clean) is not first  # one dataset kept, not two
-    assert _fake_splits.built == [0.0, 5.0, 0.0]
+    _FakeSplits.built = []
+    cache = SplitsCache(build=_fake_build(1), max_bytes=5 * 2**20)  # 2 MiB per entry: two fit, not three
+    clean, noisy, noisier = (tiny_cfg(), tiny_cfg(noise={"kind": "gaussian", "eps": 5.0}),
+                             tiny_cfg(noise={"kind": "gaussian", "eps": 10.0}))
+    first, seconds = cache.lookup(clean)
+    assert seconds is not None and seconds >= 0
+    assert cache.lookup(clean) == (first, None)  # the same blocks: reused, no build time
+    for _ in range(3):  # cells alternating in one worker: each built once
+        assert cache.get(noisy).eps == 5.0 and cache.get(clean) is first
+    assert _FakeSplits.built == [0.0, 5.0]
+    cache.get(noisier)  # a third block: the least recently used (noisy) goes
+    assert [json.loads(k)["noise"]["eps"] for k in cache.keys()] == [0.0, 10.0]
+    assert cache.get(clean) is first and cache.get(noisy).eps == 5.0
+    assert _FakeSplits.built == [0.0, 5.0, 10.0, 5.0]
     copy = pickle.loads(pickle.dumps(cache))  # a copy in another process starts empty
-    assert copy._splits is None and copy._key is None and copy.get(noisy) == [5.0]
+    assert copy.keys() == [] and copy.max_bytes == cache.max_bytes and copy.get(noisy).eps == 5.0
+
+
+def test_splits_cache_frees_a_dataset_over_its_budget_before_building_the_next(tiny_cfg):
+    from calray.ray.splits import SplitsCache
+
+    cached_at_build = []
+    cache = SplitsCache(max_bytes=3 * 2**20)
+
+    def build(cfg):  # 4 MiB each: over the budget alone
+        cached_at_build.append(len(cache._entries))  # under the lookup's lock
+        return _FakeSplits(cfg, 2)
+
+    cache._build = build
+    clean, noisy = tiny_cfg(), tiny_cfg(noise={"kind": "gaussian", "eps": 5.0})
+    big = cache.get(clean)
+    assert cache.get(clean) is big  # the newest is kept whatever its size
+    cache.get(noisy)
+    assert cached_at_build == [0, 0] and len(cache.keys()) == 1  # freed before the build, as one slot did
+
+
+def test_resident_bytes_counts_each_storage_once_and_no_file_pages(tmp_path):
+    import numpy as np
+
+    from calray.ray.splits import resident_bytes
+
+    t = torch.zeros(1000)  # 4,000 bytes; its views share them
+    a = np.ones((10, 10))  # 800 bytes
+    mm = np.lib.format.open_memmap(tmp_path / "m.npy", mode="w+", dtype=np.float32, shape=(10_000,))
+
+    class Holder:
+        def __init__(self):
+            self.parts = {"t": t, "view": t[10:20], "list": [a, a[2:]], "mm": mm, "n": 3, "s": "x" * 100}
+
+    h = Holder()
+    assert resident_bytes(h) == 4000 + 800
+    assert resident_bytes([h, Holder(), t.clone()]) == 4000 + 800 + 4000
 
 
 def test_sweep_quiet_reaches_the_robustness_stage(tmp_path, monkeypatch):

@@ -58,12 +58,19 @@ def refuse_foreign_dirs(runs: Sequence[FixedRun]) -> None:
             check_resumable(run.run_dir, config_from_dict(run.config).to_dict())
 
 
+def reuse_actors(runs: Sequence[FixedRun]) -> bool:
+    """Runs share worker processes (no torch import and actor start per run; datasets cached,
+    calray.ray.splits) when every run trains in-process: a multi-worker run's thread sits in
+    TorchTrainer.fit and cannot be reset (calray.sweep.experiment's `ray.reuse_actors` rule)."""
+    return all(int(r.config.get("distributed", {}).get("workers", 1)) == 1 for r in runs)
+
+
 def run_batch(runs: Sequence[FixedRun], storage: Path, name: str, resources: dict, *, address: str | None = None,
-              max_concurrent: int | None = None, max_failures: int = 0, quiet: bool = False,
+              max_concurrent: int | None = None, max_failures: int = 0, quiet: bool = False, reuse: bool = True,
               callbacks: Sequence = (), tag: str = "batch", title: str | None = None) -> dict[int, str]:
     """Run `runs` as Ray Tune trials (Ray started here unless it already is); returns {index: error}
     for the runs that failed. `tag` is the trials' sweep label (calray.ray.trial), `title` their
-    progress lines' (default: the tag)."""
+    progress lines' (default: the tag); `reuse`: let the runs share worker processes (`reuse_actors`)."""
     import ray
     from ray import tune
 
@@ -80,7 +87,7 @@ def run_batch(runs: Sequence[FixedRun], storage: Path, name: str, resources: dic
         tuner = tune.Tuner(
             tune.with_resources(trainable, {k: v for k, v in resources.items() if v}),
             param_space={"index": tune.grid_search(list(range(len(runs))))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=reuse and reuse_actors(runs)),
             run_config=tune.RunConfig(name=f"{name}_{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
                                       verbose=0, callbacks=[tune_callback(progress), *callbacks],
                                       failure_config=tune.FailureConfig(max_failures=max_failures)),

@@ -38,20 +38,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
-import threading
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
 from calray.config import RunConfig, apply_overrides, config_from_dict
-from calray.data.base import DatasetSplits, build_datasets
 from calray.engine.runinfo import library_versions
 from calray.engine.trainer import RunContext, train
 from calray.errors import ConfigError
 from calray.io import CONFIG_FILE, ERROR_FILE, METRICS_FILE, SUMMARY_FILE, TRAIN_LOG, TRIAL_FILE, read_jsonl, write_json
 from calray.ray.distributed import build_torch_trainer
+from calray.ray.splits import WORKER_SPLITS, SplitsCache
 
 RESERVED_KEYS = ("run", "overrides", "run_dir", "runs_root", "cell", "sweep")
 TIME_ATTR = "epochs_done"  # the per-epoch time attribute schedulers should use
@@ -145,44 +145,6 @@ def final_report(rows: list[dict], summary: dict, run_dir: Path, seed: int) -> d
     return report
 
 
-class SplitsCache:
-    """The datasets of the last (data, noise) blocks built, for the next trial with the same blocks:
-    one dataset kept in memory (a trial of other blocks replaces it). Thread-safe: Tune runs a
-    function trainable in a thread of its worker process.
-
-    `run_trial` uses `WORKER_SPLITS`, the one instance of the process it runs in: Tune runs the
-    trainable in worker processes (several trials per process with `ray.reuse_actors`), each
-    importing this module once; nothing of it is pickled. A pickled copy would arrive empty.
-    """
-
-    def __init__(self, build: Callable[[RunConfig], DatasetSplits] = build_datasets):
-        self._build = build
-        self._lock = threading.Lock()
-        self._key: str | None = None
-        self._splits: DatasetSplits | None = None
-
-    @staticmethod
-    def key(cfg: RunConfig) -> str:
-        return json.dumps({"data": cfg.data.model_dump(mode="json"), "noise": cfg.noise.model_dump(mode="json")},
-                          sort_keys=True)
-
-    def get(self, cfg: RunConfig) -> DatasetSplits:
-        key = self.key(cfg)
-        with self._lock:
-            if key != self._key:
-                self._key, self._splits = None, None  # free the old dataset before building the new one
-                self._splits = self._build(cfg)
-                self._key = key
-            return self._splits
-
-    def __getstate__(self):
-        return {"build": self._build}
-
-    def __setstate__(self, state):
-        self.__init__(state["build"])
-
-
-WORKER_SPLITS = SplitsCache()  # this process's datasets, shared by the trials it runs (see SplitsCache)
 
 
 def _write_trial_json(run_dir: Path, config: dict, cfg: RunConfig, trial_id: str) -> None:
@@ -270,8 +232,9 @@ def _run_in_process(cfg: RunConfig, run_dir: Path, report, splits: SplitsCache) 
         report(_epoch_report(row, run_dir))
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    datasets = splits.get(cfg)
+    datasets, built_s = splits.lookup(cfg)
     with open(run_dir / TRAIN_LOG, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        print(f"datasets: {'reused' if built_s is None else f'built in {built_s:.2f} s'} (worker pid {os.getpid()})")
         summary = train(cfg, RunContext(run_dir=run_dir, reporter=reporter), splits=datasets)
     return summary, read_jsonl(run_dir / METRICS_FILE)
 

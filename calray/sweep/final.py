@@ -114,7 +114,7 @@ def run_final(plan: SweepPlan, cells: Sequence[Cell], sweep_dir: Path, address: 
         errors = run_batch([r.run for r in todo], sweep_dir / FINAL_DIR / TUNE_DIR, "final",
                            spec.resources.trial_resources(), address=address,
                            max_concurrent=spec.max_concurrent_trials, max_failures=spec.max_failures,
-                           quiet=quiet, callbacks=callbacks, tag="final")
+                           quiet=quiet, reuse=spec.ray.reuse_actors, callbacks=callbacks, tag="final")
     failed = {id(todo[i]): msg for i, msg in errors.items()}
     rows, interrupted = [], 0
     for r in runs:
