@@ -157,3 +157,18 @@ def test_primed_fused_sgd_is_torch_s_and_takes_a_late_first_gradient():
     for a, b in zip(primed, per_tensor):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not torch.equal(primed[2], params[2])
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_clears_every_optimizer_s_parameters(tiny_cfg, set_to_none):
+    cfg = tiny_cfg(optim={"name": "sgd", "lr": 0.01, "epochs": 1, "per_modality": {"visual": {"name": "adam"}}})
+    trainer = Trainer(cfg)
+    inputs, labels = next(iter(trainer.train_loader))
+    trainer.train_step(inputs, labels, epoch=0, step=0, update=False)  # gradients accumulated, no step
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert len(trainer.optimizer.optimizers) == 2 and all(p.grad is not None for p in params)
+    trainer.optimizer.zero_grad(set_to_none=set_to_none)
+    if set_to_none:
+        assert all(p.grad is None for p in params)
+    else:
+        assert all(p.grad is not None and not p.grad.any() for p in params)

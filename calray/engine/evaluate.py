@@ -3,6 +3,8 @@ checkpoint evaluation all run `evaluate(model, loader, ...)`."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -20,6 +22,12 @@ def to_device(x, device: torch.device, channels_last: bool = False):
     return x
 
 
+def amp_autocast(enabled: bool):
+    """bf16 autocast on CUDA when `enabled`; otherwise no context at all: entering a disabled
+    torch.autocast costs 35–45 µs of a ~1.6 ms CPU step on small models (docs/BENCHMARKS.md §5)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate(model, loader: DataLoader, modalities: list[str], num_classes: int, device: torch.device,
              amp: bool = False, channels_last: bool = False) -> dict:
@@ -30,7 +38,7 @@ def evaluate(model, loader: DataLoader, modalities: list[str], num_classes: int,
     for inputs, labels, *_ in loader:  # a training loader may also yield indices (Method.needs_sample_index)
         inputs = to_device(inputs, device, channels_last)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with amp_autocast(amp):
             out = model(inputs)
         loss = F.cross_entropy(out.fused_logits.float(), labels, reduction="sum")
         stats.update(labels, out.fused_logits, out.unimodal_logits, float(loss))
@@ -46,7 +54,7 @@ def embeddings_of(model, loader: DataLoader, device: torch.device, amp: bool = F
     embs: dict[str, list[torch.Tensor]] = {}
     labels = []
     for inputs, y, *_ in loader:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with amp_autocast(amp):
             out = model(to_device(inputs, device, channels_last))
         for m, h in out.embeddings.items():
             embs.setdefault(m, []).append(h.float())

@@ -31,7 +31,7 @@ from calray.data.indexed import WithIndex
 from calray.dist import all_reduce_sum, assert_ranks_agree, barrier
 from calray.engine.checkpoint import load_checkpoint, save_checkpoint
 from calray.engine.contributions import ContributionMonitor
-from calray.engine.evaluate import embeddings_of, evaluate, to_device
+from calray.engine.evaluate import amp_autocast, embeddings_of, evaluate, to_device
 from calray.engine.loaders import make_loader
 from calray.engine.optim import adaptive_modulation_warnings, build_optimizer, build_scheduler
 from calray.engine.resume import check_resumable
@@ -232,7 +232,7 @@ class Trainer:
 
     def _forward_loss(self, inputs, labels, epoch: int, step: int, indices=None):
         m = self.cfg.method
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+        with amp_autocast(self.amp):
             out = self.model(inputs, ablation=m.phi_ablation if self.monitor.enabled else None)
         ce = {k: F.cross_entropy(v.float(), labels) for k, v in out.unimodal_logits.items()}
         loss_fused = F.cross_entropy(out.fused_logits.float(), labels)
