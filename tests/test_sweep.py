@@ -4,6 +4,7 @@ Ctrl-C (no trial lost, none duplicated)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -206,7 +207,7 @@ def test_a_restored_tuner_prints_with_the_running_sweeps_display(tmp_path):
 
 
 class _FakeSplits:
-    """A stand-in for DatasetSplits holding `mb` MiB of float32 (a tensor shared by val/test)."""
+    """A stand-in for DatasetSplits: 2 × `mb` MiB of float32, train's and one tensor val and test share."""
 
     built: list = []
 
@@ -222,8 +223,6 @@ def _fake_build_mb(mb: int, cfg):
 
 
 def _fake_build(mb: int):
-    import functools
-
     return functools.partial(_fake_build_mb, mb)  # picklable
 
 
