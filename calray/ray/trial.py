@@ -145,8 +145,6 @@ def final_report(rows: list[dict], summary: dict, run_dir: Path, seed: int) -> d
     return report
 
 
-
-
 def _write_trial_json(run_dir: Path, config: dict, cfg: RunConfig, trial_id: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / TRIAL_FILE, {
